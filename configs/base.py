@@ -1,0 +1,131 @@
+"""Defaults shared by every run; size files override the model dims and the recipe."""
+
+import math
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config: a 71m-shaped Pre+GPAS model with the paper's recipe."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 10_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1_000
+  c.checkpoint_every_steps = 1_000
+  c.checkpoint_keep = 3
+  c.checkpoint_async = True
+  # What to do when the loss or a gradient is not finite: 'stop' or 'skip' (the update).
+  c.nan_policy = 'stop'
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 32_000
+  m.hidden_size = 512
+  m.intermediate_size = 1368
+  m.num_layers = 12
+  m.num_heads = 8
+  m.norm_type = 'pre_gpas'
+  m.post_num = 3  # Mix-LN: layers with index < post_num are Post-LN (baseline: L // 4).
+  m.gate_act = 'silu'
+  m.gate_init = 0.0
+  m.gate_learnable = True
+  m.gate_per_sublayer = False  # False: one gate per decoder layer, used twice (baseline).
+  m.lns_mode = 'init'  # 'init': gains initialised to 1/sqrt(l+1) (baseline); 'fixed': fixed multiplier.
+  m.rms_eps = 1e-6
+  m.rope_theta = 10_000.0
+  m.init_std = 0.02
+  m.embed_init_std = math.sqrt(2 / 5)
+  # Baseline quirk: pad_token_id=-1 makes embedding row vocab_size-1 start at zero, never trained.
+  m.frozen_last_embed_row = True
+  m.scan_layers = True
+  m.remat_policy = 'none'  # 'none' | 'full' | 'save_dots'
+  m.param_dtype = 'float32'
+  m.compute_dtype = 'float32'
+  m.attention_impl = 'xla'  # 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+
+  c.data = ml_collections.ConfigDict()
+  d = c.data
+  d.source = 'embedded'  # 'embedded' | 'tfds' | 'text_folder'
+  d.tfds_name = 'c4/en:3.1.0'
+  d.data_dir = ''
+  d.text_dir = ''
+  d.text_field = 'text'
+  d.train_split = 'train'
+  d.eval_split = 'validation'
+  d.tokenizer = ''  # A sentencepiece .model; '' trains (once, cached) one on the embedded corpus.
+  d.tokenizer_vocab_size = 32_000
+  d.cache_dir = ''  # '' -> ~/.cache/gpas_jax
+  d.max_length = 256
+  d.layout = 'padded'  # 'padded' (baseline: one document per sample) | 'packed'
+  d.pad_id = 0
+  d.eos_id = 1
+  d.worker_count = 0
+  d.prefetch_buffer_size = 2
+  d.eval_tokens = 10_000_000
+  d.eval_batch_size = 64
+
+  c.optim = ml_collections.ConfigDict()
+  o = c.optim
+  o.name = 'adam'  # 'adam' | 'adamw'
+  o.global_batch_size = 512
+  o.micro_batches = 1  # Gradient accumulation: micro-batches per step.
+  o.lr = 1e-3
+  o.warmup_steps = 1_000
+  o.min_lr_ratio = 0.1
+  o.baseline_last_step = False  # Baseline quirk: the last step uses lr = 1e-7 * peak.
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  o.grad_clip = 0.0  # Global-norm clip over all parameters; 0 disables.
+  o.gate_clip = 0.0  # Joint norm clip over all gates, after the global clip; 0 disables.
+  o.state_dtype = ''  # Adam moments' dtype; '' follows model.param_dtype.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # One of data/fsdp/tensor may be -1: the rest of the devices.
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # Slices (multi-slice TPU): data parallelism across DCN.
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True
+  c.logging.wandb = False
+  c.logging.wandb_project = 'gpas_jax'
+
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.every_steps = 0  # 0 disables per-layer statistics during training.
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # '' -> auto-detect (TPU, SLURM) or single process.
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c
+
+
+def with_size(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets the model dims of a named baseline size (GPAS.md section 3) and its Mix-LN post_num."""
+  from gpas_jax import config as gconfig  # pylint: disable=import-outside-toplevel
+  hidden, ffn, layers, heads, vocab = gconfig.SIZES[name]
+  c.model.hidden_size = hidden
+  c.model.intermediate_size = ffn
+  c.model.num_layers = layers
+  c.model.num_heads = heads
+  c.model.vocab_size = vocab
+  c.model.post_num = layers // 4
+  return c
+
+
+def with_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets the paper's training recipe for a size (GPAS.md section 4), if the paper gives one."""
+  from gpas_jax import config as gconfig  # pylint: disable=import-outside-toplevel
+  r = gconfig.RECIPES[name]
+  c.optim.lr = r['lr']
+  c.num_train_steps = r['steps']
+  c.optim.warmup_steps = r['warmup']
+  c.optim.global_batch_size = r['batch']
+  c.optim.grad_clip = r['grad_clip']
+  c.optim.gate_clip = r['gate_clip']
+  c.data.max_length = 256
+  c.model.remat_policy = r.get('remat', 'none')
+  return c

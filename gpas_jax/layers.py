@@ -1,0 +1,139 @@
+"""RMSNorm, rotary embedding, causal attention and the SwiGLU MLP, as the baseline computes them.
+
+Shape letters: B batch, T sequence, N = B*T tokens, D hidden, H heads, K head dim, F ffn, V vocab.
+Projections act on 2-D [N, D] activations: on CPU, [B, T, D] inputs cost XLA transposes in the
+backward pass.
+"""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpas_jax import sharding
+
+
+def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+  """A parameter carrying its logical axis names (sharding is applied by the caller's jit)."""
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float | jax.Array,
+           dtype: jnp.dtype) -> jax.Array:
+  """N(0, std) samples in fp32, cast to the parameter dtype."""
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def xavier_std(fan_in: int, fan_out: int, gain: float) -> float:
+  """The std of torch's xavier_normal_ with this gain."""
+  return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm: normalise in (at least) fp32, multiply the gain in the input dtype."""
+
+  def __init__(self, dim: int, eps: float, init: float | jax.Array = 1.0,
+               param_dtype: jnp.dtype = jnp.float32):
+    self.eps = eps
+    self.weight = param(jnp.full((dim,), init, param_dtype), ('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    return self.weight[...].astype(x.dtype) * y
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float,
+                dtype: jnp.dtype) -> tuple[np.ndarray, np.ndarray]:
+  """cos and sin [T, K] for the 'rotate half' convention, built as constants."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  freqs_TxK2 = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)
+  emb_TxK = np.concatenate([freqs_TxK2, freqs_TxK2], axis=-1)
+  return np.cos(emb_TxK).astype(dtype), np.sin(emb_TxK).astype(dtype)
+
+
+def apply_rope(x_BxTxHxK: jax.Array, cos_TxK: np.ndarray, sin_TxK: np.ndarray) -> jax.Array:
+  """Rotates the two halves of the head dim (not interleaved pairs), as HF LLaMA does."""
+  half = x_BxTxHxK.shape[-1] // 2
+  x1, x2 = x_BxTxHxK[..., :half], x_BxTxHxK[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxTxHxK * cos_TxK[:, None, :] + rotated * sin_TxK[:, None, :]
+
+
+def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
+                     segment_ids_BxT: jax.Array | None, impl: str) -> jax.Array:
+  """Causal softmax attention; with segment ids, tokens attend within their own segment only."""
+  head_dim = q_BxTxHxK.shape[-1]
+  if impl == 'cudnn':
+    mask = None
+    if segment_ids_BxT is not None:
+      mask = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask,
+                                        is_causal=True, implementation='cudnn')
+  t = q_BxTxHxK.shape[1]
+  scores_BxHxTxT = jnp.einsum('bqhk,bshk->bhqs', q_BxTxHxK, k_BxTxHxK) / math.sqrt(head_dim)
+  mask_TxT = np.tril(np.ones((t, t), dtype=bool))
+  mask = mask_TxT[None, None]
+  if segment_ids_BxT is not None:
+    mask = mask & (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+  scores32 = scores_BxHxTxT.astype(jnp.promote_types(scores_BxHxTxT.dtype, jnp.float32))
+  scores32 = jnp.where(mask, scores32, jnp.finfo(scores32.dtype).min)
+  probs = jax.nn.softmax(scores32, axis=-1).astype(q_BxTxHxK.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', probs, v_BxTxHxK)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with RoPE and no biases."""
+
+  def __init__(self, hidden: int, heads: int, rngs: nnx.Rngs, *, std: float = 0.02,
+               qk_std: float | None = None, vo_std: float | None = None,
+               param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32,
+               impl: str = 'xla'):
+    self.heads, self.head_dim = heads, hidden // heads
+    self.compute_dtype, self.impl = compute_dtype, impl
+    qk_std = std if qk_std is None else qk_std
+    vo_std = std if vo_std is None else vo_std
+    hk = (hidden, heads, self.head_dim)
+    self.q_proj = param(normal(rngs, hk, qk_std, param_dtype), ('embed', 'heads', 'kv'))
+    self.k_proj = param(normal(rngs, hk, qk_std, param_dtype), ('embed', 'heads', 'kv'))
+    self.v_proj = param(normal(rngs, hk, vo_std, param_dtype), ('embed', 'heads', 'kv'))
+    self.o_proj = param(normal(rngs, (heads, self.head_dim, hidden), vo_std, param_dtype),
+                        ('heads', 'kv', 'embed'))
+
+  def __call__(self, x_NxD: jax.Array, batch: int, rope: tuple[np.ndarray, np.ndarray],
+               segment_ids_BxT: jax.Array | None) -> jax.Array:
+    n, d = x_NxD.shape
+    t = n // batch
+    cd = self.compute_dtype
+
+    def project(w):
+      y_NxHK = x_NxD @ w[...].astype(cd).reshape(d, -1)
+      return y_NxHK.reshape(batch, t, self.heads, self.head_dim)
+
+    cos, sin = rope
+    q = apply_rope(project(self.q_proj), cos, sin)
+    k = apply_rope(project(self.k_proj), cos, sin)
+    v = project(self.v_proj)
+    q = sharding.constrain(q, ('batch', 'act_length', 'act_heads', 'act_kv'))
+    out_BxTxHxK = causal_attention(q, k, v, segment_ids_BxT, self.impl)
+    return out_BxTxHxK.reshape(n, -1) @ self.o_proj[...].astype(cd).reshape(-1, d)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, hidden: int, ffn: int, rngs: nnx.Rngs, *, std: float = 0.02,
+               param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32):
+    self.compute_dtype = compute_dtype
+    self.gate_proj = param(normal(rngs, (hidden, ffn), std, param_dtype), ('embed', 'mlp'))
+    self.up_proj = param(normal(rngs, (hidden, ffn), std, param_dtype), ('embed', 'mlp'))
+    self.down_proj = param(normal(rngs, (ffn, hidden), std, param_dtype), ('mlp', 'embed'))
+
+  def __call__(self, x_NxD: jax.Array) -> jax.Array:
+    cd = self.compute_dtype
+    h_NxF = jax.nn.silu(x_NxD @ self.gate_proj[...].astype(cd)) * (x_NxD @ self.up_proj[...].astype(cd))
+    h_NxF = sharding.constrain(h_NxF, ('act_tokens', 'act_mlp'))
+    return h_NxF @ self.down_proj[...].astype(cd)

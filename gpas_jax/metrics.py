@@ -1,0 +1,302 @@
+"""Training FLOPs and MFU, peak-FLOPs table, and metric writers (stdout, TensorBoard, jsonl, W&B).
+
+FLOPs follow MaxText's `calculate_tflops_training_per_device`: model FLOPs (no remat
+recompute) of fwd + bwd = 3 x forward, matmuls only (norms, SiLU, softmax, GPAS and the embedding
+lookup are not counted; the untied lm_head is).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+# Dense (no sparsity) peak FLOP/s per chip, from the vendors' data sheets. 'tfloat32' is what
+# XLA uses for float32 matmuls on NVIDIA by default; 'float32' is the non-tensor-core rate.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    'tpu_v4': {'bfloat16': 275e12},
+    'tpu_v5e': {'bfloat16': 197e12},
+    'tpu_v5p': {'bfloat16': 459e12},
+    'tpu_v6e': {'bfloat16': 918e12},
+    'a100': {'bfloat16': 312e12, 'float16': 312e12, 'tfloat32': 156e12, 'float32': 19.5e12},
+    'h100': {'bfloat16': 989e12, 'float16': 989e12, 'tfloat32': 494.7e12, 'float32': 67e12},
+    'h100_pcie': {'bfloat16': 756e12, 'float16': 756e12, 'tfloat32': 378e12, 'float32': 51e12},
+    'h200': {'bfloat16': 989e12, 'float16': 989e12, 'tfloat32': 494.7e12, 'float32': 67e12},
+}
+
+
+def training_flops_per_step(
+    model_config: ml_collections.ConfigDict,
+    batch_size: int,
+    seq_len: int,
+    causal: bool = True,
+) -> dict[str, float]:
+  """Returns the FLOPs of one training step (fwd + bwd) for `batch_size` sequences of `seq_len`.
+
+  Keys: 'total' = 'learnable' + 'attention'; 'learnable' = 6 * matmul params * tokens, split
+  into 'qkv', 'attn_out', 'mlp' and 'lm_head'; 'attention' = the QK^T and AV matmuls,
+  3 * 4 * B * T^2 * D * L for full attention. With `causal=True` (default) that is halved, since
+  only the lower triangle is needed; MaxText's older versions counted the full square.
+  Also 'tokens' and 'matmul_params'. `batch_size` is whatever the caller counts (the global
+  batch gives FLOPs per step; divide by devices for per device).
+  """
+  m = model_config
+  d, f, n_layers, vocab = m.hidden_size, m.intermediate_size, m.num_layers, m.vocab_size
+  tokens = batch_size * seq_len
+  # Multi-head attention without grouped KV: q, k, v and o are all [D, D].
+  qkv_params = 3 * d * d * n_layers
+  out_params = d * d * n_layers
+  mlp_params = 3 * d * f * n_layers  # gate, up, down (SwiGLU)
+  head_params = d * vocab  # untied lm_head; the embedding lookup is a gather, no FLOPs
+  attention = 3 * 4 * batch_size * seq_len**2 * d * n_layers
+  if causal:
+    attention /= 2
+  out = {
+      'qkv': 6.0 * qkv_params * tokens,
+      'attn_out': 6.0 * out_params * tokens,
+      'mlp': 6.0 * mlp_params * tokens,
+      'lm_head': 6.0 * head_params * tokens,
+      'attention': float(attention),
+      'tokens': float(tokens),
+      'matmul_params': float(qkv_params + out_params + mlp_params + head_params),
+  }
+  out['learnable'] = out['qkv'] + out['attn_out'] + out['mlp'] + out['lm_head']
+  out['total'] = out['learnable'] + out['attention']
+  return out
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float,
+        num_devices: int = 1) -> float:
+  """Returns model FLOPs utilisation: achieved FLOP/s over the devices' summed peak, in [0, 1]."""
+  if step_time_s <= 0 or peak_flops_per_device <= 0 or num_devices <= 0:
+    raise ValueError('step_time_s, peak_flops_per_device and num_devices must be positive.')
+  return flops_per_step / step_time_s / (peak_flops_per_device * num_devices)
+
+
+def chip_name(device_kind: str) -> Optional[str]:
+  """Maps a jax `device.device_kind` (e.g. 'TPU v5 lite', 'NVIDIA H100 80GB HBM3') to a key."""
+  k = device_kind.lower()
+  if k.startswith('tpu'):
+    if 'v6' in k:
+      return 'tpu_v6e'
+    if 'v5' in k:
+      return 'tpu_v5e' if ('lite' in k or 'v5e' in k) else 'tpu_v5p'
+    if 'v4' in k:
+      return 'tpu_v4'
+    return None
+  if 'h200' in k:  # GH200 included: the same Hopper tensor cores and clocks as H100 SXM.
+    return 'h200'
+  if 'h100' in k:
+    return 'h100_pcie' if 'pcie' in k else 'h100'
+  if 'a100' in k:
+    return 'a100'
+  return None
+
+
+def peak_flops(device_kind: Optional[str] = None, dtype: str = 'bfloat16') -> Optional[float]:
+  """Returns the table's peak FLOP/s for a device kind (default: jax.devices()[0]), or None."""
+  if device_kind is None:
+    device_kind = jax.devices()[0].device_kind
+  name = chip_name(device_kind)
+  if name is None:
+    return None
+  return PEAK_FLOPS[name].get(str(jnp.dtype(dtype)) if dtype != 'tfloat32' else dtype)
+
+
+def measure_cpu_peak_flops(dtype: str = 'float32', n: int = 1024, repeats: int = 5) -> float:
+  """Times a jitted n x n matmul on the CPU and returns the best FLOP/s over `repeats` runs."""
+  cpu = jax.devices('cpu')[0]
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), cpu)
+  b = jax.device_put(jax.random.normal(key_b, (n, n), dtype), cpu)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()  # compile and warm the caches outside the timing
+  best = math.inf
+  for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best
+
+
+def format_duration(seconds: float) -> str:
+  """Returns a short duration such as '45s', '12m05s' or '3h02m'."""
+  if not math.isfinite(seconds):
+    return '?'
+  s = int(round(max(0.0, seconds)))
+  if s < 60:
+    return f'{s}s'
+  if s < 3600:
+    return f'{s // 60}m{s % 60:02d}s'
+  return f'{s // 3600}h{(s % 3600) // 60:02d}m'
+
+
+def _si(x: float) -> str:
+  """Returns 12.3k / 4.56M style numbers for throughput."""
+  for div, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(x) >= div:
+      return f'{x / div:.3g}{suffix}'
+  return f'{x:.3g}'
+
+
+# Known keys for the stdout line, in display order: key -> (label, formatter).
+_STDOUT_FORMATS = {
+    'loss': ('loss', lambda v: f'{v:.4f}'),
+    'eval_loss': ('eval_loss', lambda v: f'{v:.4f}'),
+    'eval_ppl': ('eval_ppl', lambda v: f'{v:.2f}'),
+    'lr': ('lr', lambda v: f'{v:.2e}'),
+    'grad_norm': ('gnorm', lambda v: f'{v:.3g}'),
+    'tokens_per_s': ('tok/s', _si),
+    'step_time_s': ('step_time', lambda v: f'{v * 1e3:.0f}ms'),
+    'mfu': ('mfu', lambda v: f'{100 * v:.1f}%'),
+    'eta_s': ('eta', format_duration),
+    'elapsed_s': ('elapsed', format_duration),
+}
+
+
+def _to_python(value: Any) -> Any:
+  """Converts a scalar (Python, numpy or jax) to a JSON-able Python value."""
+  if isinstance(value, (str, bool, int)) and not isinstance(value, np.generic):
+    return value
+  arr = np.asarray(value)
+  if arr.size != 1:
+    raise ValueError(f'metric values must be scalars, got shape {arr.shape}.')
+  item = arr.reshape(()).item()
+  if isinstance(item, (bool, int, str)):
+    return item
+  return float(item)
+
+
+def _json_value(value: Any) -> Any:
+  """Writes non-finite floats as the strings 'nan', 'inf', '-inf' (strict JSON has no NaN)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  return value
+
+
+class MetricWriter:
+  """Writes scalar metrics to stdout, workdir/metrics.jsonl, TensorBoard and W&B.
+
+  Only process 0 writes; on other processes every method is a no-op. metrics.jsonl is opened in
+  append mode, so a resumed run continues it (a resume from an earlier checkpoint repeats some
+  steps: readers keep the last record of a step). Each line is one JSON object with 'step' and
+  the scalars as Python numbers; non-finite floats are the strings 'nan', 'inf', '-inf'
+  (`float()` reads them back). TensorBoard events go to workdir/tensorboard.
+  """
+
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      process_index: int = 0,
+      stdout: bool = True,
+      jsonl: bool = True,
+      tensorboard: bool = False,
+      wandb: bool = False,
+      wandb_project: str = 'gpas_jax',
+      wandb_config: Optional[Mapping[str, Any]] = None,
+      total_steps: Optional[int] = None,
+      stream: Any = None,
+  ):
+    """Opens the enabled sinks; raises ImportError if W&B is asked for but not installed."""
+    if wandb and importlib.util.find_spec('wandb') is None:
+      # Checked on every process so that a misconfigured run fails everywhere, not just on 0.
+      raise ImportError('config.logging.wandb=True but wandb is not installed: '
+                        'run `pip install wandb` or set config.logging.wandb=False.')
+    self.active = process_index == 0
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self._stdout = stdout
+    self._stream = stream
+    self._jsonl = None
+    self._tb = None
+    self._wandb = None
+    if not self.active:
+      return
+    if jsonl or tensorboard:
+      os.makedirs(workdir, exist_ok=True)
+    if jsonl:
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    if tensorboard:
+      import tensorboardX  # pylint: disable=import-outside-toplevel
+      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+    if wandb:
+      import wandb as wandb_lib  # pylint: disable=import-outside-toplevel
+      self._wandb = wandb_lib.init(project=wandb_project, dir=workdir,
+                                   config=dict(wandb_config or {}), resume='allow')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, workdir: str,
+                  process_index: Optional[int] = None, **kwargs: Any) -> 'MetricWriter':
+    """Builds a writer from config.logging (tensorboard, wandb, wandb_project)."""
+    if process_index is None:
+      process_index = jax.process_index()
+    log = config.logging
+    return cls(workdir, process_index=process_index, tensorboard=bool(log.tensorboard),
+               wandb=bool(log.wandb), wandb_project=log.wandb_project,
+               wandb_config=config.to_dict(), total_steps=config.num_train_steps, **kwargs)
+
+  def format_line(self, step: int, scalars: Mapping[str, Any]) -> str:
+    """Returns the one-line stdout summary: known keys nicely, then the rest as key=value."""
+    head = f'step {step}' + (f'/{self.total_steps}' if self.total_steps else '')
+    parts = [head]
+    for key, (label, fmt) in _STDOUT_FORMATS.items():
+      if key in scalars:
+        v = scalars[key]
+        parts.append(f'{label} {fmt(v) if isinstance(v, (int, float)) else v}')
+    for key, v in scalars.items():
+      if key not in _STDOUT_FORMATS:
+        parts.append(f'{key}={v:.4g}' if isinstance(v, float) else f'{key}={v}')
+    return ' | '.join(parts)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one step's scalars to every enabled sink."""
+    if not self.active:
+      return
+    step = int(step)
+    values = {k: _to_python(v) for k, v in scalars.items()}
+    if self._stdout:
+      print(self.format_line(step, values), file=self._stream or sys.stdout, flush=True)
+    if self._jsonl is not None:
+      record = {'step': step, **{k: _json_value(v) for k, v in values.items()}}
+      self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
+      self._jsonl.flush()  # a crash or preemption keeps every line written so far
+    numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+    if self._tb is not None:
+      for k, v in numeric.items():
+        self._tb.add_scalar(k, float(v), global_step=step)
+    if self._wandb is not None:
+      self._wandb.log(numeric, step=step)
+
+  def flush(self) -> None:
+    """Flushes the file and TensorBoard sinks."""
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes every sink; later writes are ignored."""
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+    self.active = False
+
+  def __enter__(self) -> 'MetricWriter':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()

@@ -1,0 +1,273 @@
+"""Tests for gpas_jax.optim: schedule, clipping, Adam against torch's formula, accumulation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import base
+from gpas_jax import optim
+
+
+def _config(**optim_overrides):
+  c = base.get_config()
+  for k, v in optim_overrides.items():
+    if k == 'num_train_steps':
+      c.num_train_steps = v
+    elif k.startswith('model_'):
+      c.model[k[len('model_'):]] = v
+    else:
+      c.optim[k] = v
+  return c
+
+
+def _baseline_lr(s, peak, warmup, total, min_ratio, last_step_quirk):
+  """The baseline's LambdaLR (cyclical cosine with one cycle of length N), in float64."""
+  if last_step_quirk and s == total:
+    return 1e-7 * peak
+  if s < warmup:
+    return peak * s / max(1, warmup)
+  progress = min(1.0, (s - warmup) / max(1, total - warmup))
+  return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize('quirk', [False, True])
+def test_schedule_matches_baseline(quirk):
+  c = _config(lr=1e-3, warmup_steps=1000, min_lr_ratio=0.1, baseline_last_step=quirk,
+              num_train_steps=10_000)
+  sched = jax.jit(optim.lr_schedule(c))
+  steps = [0, 1, 500, 999, 1000, 1001, 5500, 9999, 10_000, 10_001]
+  got = np.array([float(sched(s)) for s in steps])
+  want = np.array([_baseline_lr(s, 1e-3, 1000, 10_000, 0.1, quirk) for s in steps])
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+  assert got[0] == 0.0
+  assert got[4] == pytest.approx(1e-3, rel=1e-7)  # end of warmup: the peak
+  assert got[6] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-6)  # middle of the cosine
+  assert got[8] == pytest.approx(1e-10 if quirk else 1e-4, rel=1e-6)  # the last (N-th) update
+  assert got[9] == pytest.approx(1e-4, rel=1e-6)  # beyond N: the floor
+
+
+def test_schedule_edge_cases_do_not_divide_by_zero():
+  no_warmup = optim.lr_schedule(_config(lr=2.0, warmup_steps=0, num_train_steps=10))
+  assert float(no_warmup(0)) == pytest.approx(2.0)
+  assert float(no_warmup(10)) == pytest.approx(0.2)
+  flat = optim.lr_schedule(_config(lr=1.0, warmup_steps=5, num_train_steps=5))
+  vals = [float(flat(s)) for s in range(7)]
+  assert all(math.isfinite(v) for v in vals)
+  assert vals[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+  assert vals[6] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- gate paths and clipping
+
+
+class _Gpas(nnx.Module):
+
+  def __init__(self, n):
+    self.gate = nnx.Param(jnp.zeros((n,)))
+
+
+class _Layer(nnx.Module):
+
+  def __init__(self, rngs):
+    self.mlp = nnx.Linear(3, 4, use_bias=False, rngs=rngs)
+    self.gpas = _Gpas(2)
+
+
+def test_is_gate_path_on_dicts_lists_and_nnx_state():
+  tree = {'layers': {'gpas': {'gate': jnp.zeros(3)}, 'mlp': {'gate': {'kernel': jnp.zeros(2)}}},
+          'blocks': [{'gpas': {'gate': jnp.zeros(())}}], 'gate_proj': jnp.zeros(1)}
+  assert sorted(optim.gate_values(tree)) == ['blocks/0/gpas/gate', 'layers/gpas/gate']
+  state = nnx.state(_Layer(nnx.Rngs(0)), nnx.Param)
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  assert [optim.is_gate_path(p) for p in paths].count(True) == 1
+  assert list(optim.gate_values(state)) == ['gpas/gate']
+  assert optim.count_params(state) == 3 * 4 + 2
+  assert not optim.is_gate_path(())
+
+
+def _grads():
+  return {'layers': {'gpas': {'gate': jnp.array([3.0, 4.0])},  # joint norm 5 with the next
+                     'attn': {'w': jnp.full((2, 3), 7.0)}},
+          'extra': {'gate': jnp.array(0.0)},
+          'head': jnp.array([1.0, -2.0])}
+
+
+def test_gate_clip_rescales_only_gates_to_joint_norm():
+  grads = _grads()
+  tx = optim.clip_gates_by_joint_norm(0.5)
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  gates = [out['layers']['gpas']['gate'], out['extra']['gate']]
+  assert float(optim.global_norm(gates)) == pytest.approx(0.5, rel=1e-6)
+  np.testing.assert_allclose(out['layers']['gpas']['gate'], [0.3, 0.4], rtol=1e-6)
+  for a, b in [(out['layers']['attn']['w'], grads['layers']['attn']['w']),
+               (out['head'], grads['head'])]:
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  # Below the threshold nothing changes, bit for bit.
+  same, _ = jax.jit(optim.clip_gates_by_joint_norm(10.0).update)(grads, ())
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), same, grads)
+
+
+def test_global_clip_then_gate_clip_order():
+  # Gates have norm 5; the rest norm 7 * sqrt(6) + head, so the total is ~18.0.
+  grads = _grads()
+  c = _config(grad_clip=1.0, gate_clip=0.5, lr=1.0, warmup_steps=0, num_train_steps=10)
+  total = float(optim.global_norm(grads))
+  chain = optax.chain(optax.clip_by_global_norm(1.0), optim.clip_gates_by_joint_norm(0.5))
+  out, _ = jax.jit(chain.update)(grads, chain.init(grads))
+  # Global clip first scales the gates to 5 / total ~ 0.28 < 0.5: the gate clip then is a no-op.
+  np.testing.assert_allclose(out['layers']['gpas']['gate'], np.array([3.0, 4.0]) / total,
+                             rtol=1e-6)
+  # The reverse order would give 0.5 / total-after-gate-clip, which differs.
+  rev = optax.chain(optim.clip_gates_by_joint_norm(0.5), optax.clip_by_global_norm(1.0))
+  out_rev, _ = jax.jit(rev.update)(grads, rev.init(grads))
+  assert not np.allclose(out_rev['layers']['gpas']['gate'], out['layers']['gpas']['gate'])
+  # make_optimizer uses the first order. Adam's first update is ~lr * sign(g), which hides the
+  # clipping, so read the clipped gradient back from the first moment: mu = (1 - b1) * g.
+  tx = optim.make_optimizer(c)
+  params = jax.tree.map(jnp.zeros_like, grads)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  adam_state = [s for s in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState)][0]
+  np.testing.assert_allclose(adam_state.mu['layers']['gpas']['gate'] / (1 - c.optim.b1),
+                             out['layers']['gpas']['gate'], rtol=1e-5)
+  np.testing.assert_allclose(adam_state.mu['head'] / (1 - c.optim.b1), out['head'], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Adam vs torch's formula
+
+
+@pytest.mark.parametrize('name,wd', [('adam', 0.0), ('adamw', 0.1), ('adam', 0.1)])
+def test_adam_matches_torch_formula(name, wd):
+  c = _config(name=name, weight_decay=wd, lr=1e-2, warmup_steps=2, num_train_steps=6,
+              b1=0.9, b2=0.99, eps=1e-8)
+  tx = optim.make_optimizer(c)
+  rng = np.random.default_rng(0)
+  p = rng.normal(size=(5,)).astype(np.float32)
+  params = {'w': jnp.asarray(p)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  ref_p, m, v = p.astype(np.float64), np.zeros(5), np.zeros(5)
+  for t in range(1, 6):
+    g = rng.normal(size=(5,)).astype(np.float32)
+    updates, state = update({'w': jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    # torch.optim.Adam / AdamW (single tensor, no amsgrad), step t, lr of update index t - 1.
+    lr = _baseline_lr(t - 1, 1e-2, 2, 6, 0.1, False)
+    gg = g.astype(np.float64)
+    if name == 'adamw':
+      ref_p = ref_p * (1 - lr * wd)
+    elif wd:
+      gg = gg + wd * ref_p
+    m = 0.9 * m + 0.1 * gg
+    v = 0.99 * v + 0.01 * gg * gg
+    denom = np.sqrt(v) / math.sqrt(1 - 0.99**t) + 1e-8
+    ref_p = ref_p - lr / (1 - 0.9**t) * m / denom
+    # fp32 params of size ~1 with updates ~1e-2: a few ulps (1.2e-7 each) of accumulated rounding.
+    np.testing.assert_allclose(np.asarray(params['w']), ref_p, rtol=0, atol=2e-6)
+  assert float(jnp.abs(params['w'] - p).max()) > 1e-3  # it did move
+
+
+@pytest.mark.parametrize('param_dtype,state_dtype,want', [
+    ('bfloat16', '', jnp.bfloat16), ('bfloat16', 'float32', jnp.float32),
+    ('float32', 'bfloat16', jnp.bfloat16), ('float32', '', jnp.float32)])
+def test_optimizer_state_dtype(param_dtype, state_dtype, want):
+  c = _config(state_dtype=state_dtype, model_param_dtype=param_dtype, grad_clip=1.0,
+              gate_clip=0.01)
+  tx = optim.make_optimizer(c)
+  params = {'w': jnp.ones((4, 4), param_dtype), 'gpas': {'gate': jnp.zeros((2,), param_dtype)}}
+  state = tx.init(params)
+  init_floats = [x for x in jax.tree_util.tree_leaves(state)
+                 if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert all(x.dtype == want for x in init_floats), [x.dtype for x in init_floats]
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  floats = [x for x in jax.tree_util.tree_leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floats) == 4  # mu and nu for both leaves
+  assert all(x.dtype == want for x in floats), [x.dtype for x in floats]
+  assert params['w'].dtype == jnp.dtype(param_dtype)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _linear_problem(batch, tokens=6, d=5, o=3, seed=0):
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(rng.normal(size=(d, o)), jnp.float32)
+  data = {'x': jnp.asarray(rng.normal(size=(batch, tokens, d)), jnp.float32),
+          'y': jnp.asarray(rng.normal(size=(batch, tokens, o)), jnp.float32),
+          'mask': jnp.ones((batch, tokens), jnp.float32)}
+
+  def loss_fn(params, b):
+    err = jnp.sum(jnp.square(b['x'] @ params['w'] - b['y']), -1)
+    n = jnp.sum(b['mask'])
+    return jnp.sum(err * b['mask']) / n, {'tokens': n}
+
+  return {'w': w}, data, jax.value_and_grad(loss_fn, has_aux=True)
+
+
+@pytest.mark.parametrize('split', ['contiguous', 'strided'])
+def test_accumulation_equals_full_batch_for_equal_token_counts(split):
+  params, batch, lg = _linear_problem(16)
+  (loss_full, aux_full), g_full = lg(params, batch)
+  loss, grads, aux = jax.jit(
+      lambda p, b: optim.accumulate_gradients(lg, p, b, 4, split=split))(params, batch)
+  # Same math, different fp32 summation order (4 partial sums of 4 rows then / 4 and summed):
+  # a few ulps relative, far below 1e-5.
+  np.testing.assert_allclose(loss, loss_full, rtol=1e-5)
+  np.testing.assert_allclose(grads['w'], g_full['w'], rtol=1e-5, atol=1e-6)
+  assert float(aux['tokens']) == pytest.approx(float(aux_full['tokens']) / 4)  # mean of 4
+
+
+def test_accumulation_weighs_micro_batches_equally_like_the_baseline():
+  params, batch, lg = _linear_problem(8)
+  mask = np.ones((8, 6), np.float32)
+  mask[:4, 3:] = 0.0  # the first micro-batch (contiguous split) has half the tokens
+  batch['mask'] = jnp.asarray(mask)
+  loss, grads, aux = jax.jit(lambda p, b: optim.accumulate_gradients(
+      lg, p, b, 2, split='contiguous', aux_reduce='stack'))(params, batch)
+  lg = jax.jit(lg)
+  parts = [lg(params, jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch)) for i in range(2)]
+  np.testing.assert_allclose(loss, (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(grads['w'], (parts[0][1]['w'] + parts[1][1]['w']) / 2, rtol=1e-5)
+  np.testing.assert_array_equal(aux['tokens'], [12.0, 24.0])
+  full_loss = lg(params, batch)[0][0]
+  assert abs(float(loss) - float(full_loss)) > 1e-3  # a token mean over the batch would differ
+
+
+def test_micro_batches_one_is_a_plain_call_and_more_use_scan():
+  params, batch, lg = _linear_problem(4)
+  jaxpr_1 = str(jax.make_jaxpr(lambda p, b: optim.accumulate_gradients(lg, p, b, 1))(
+      params, batch))
+  jaxpr_4 = str(jax.make_jaxpr(lambda p, b: optim.accumulate_gradients(lg, p, b, 4))(
+      params, batch))
+  assert 'scan' not in jaxpr_1 and 'scan' in jaxpr_4
+  (want_loss, want_aux), want_g = lg(params, batch)
+  loss, grads, aux = optim.accumulate_gradients(lg, params, batch, 1)
+  assert float(loss) == float(want_loss) and float(aux['tokens']) == float(want_aux['tokens'])
+  np.testing.assert_array_equal(grads['w'], want_g['w'])
+  with pytest.raises(ValueError, match='not divisible'):
+    optim.accumulate_gradients(lg, params, batch, 3)
+
+
+def test_accumulation_in_float32_for_bf16_grads():
+  params, batch, lg = _linear_problem(8)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  shapes = jax.eval_shape(
+      lambda p, b: optim.accumulate_gradients(lg, p, b, 4, accum_dtype=jnp.float32),
+      params, batch)
+  assert shapes[1]['w'].dtype == jnp.float32
+  _, grads_bf16, _ = jax.jit(lambda p, b: optim.accumulate_gradients(lg, p, b, 4))(params, batch)
+  assert np.isfinite(np.asarray(grads_bf16['w'], np.float32)).all()
+  assert grads_bf16['w'].dtype == jnp.bfloat16
