@@ -8,6 +8,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default config: a 71m-shaped Pre+GPAS model with the paper's recipe."""
   c = ml_collections.ConfigDict()
+  c.size_name = '71m'  # Which row of the results table a run belongs to.
   c.seed = 0
   c.num_train_steps = 10_000
   c.log_every_steps = 50
@@ -96,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.analysis = ml_collections.ConfigDict()
   c.analysis.every_steps = 0  # 0 disables per-layer statistics during training.
 
+  c.debug = ml_collections.ConfigDict()  # test hooks; never set in a real run
+  c.debug.inject_nan_step = -1  # poison this step's loss and gradients with NaN
+  c.debug.sigterm_at_step = -1  # send this process SIGTERM after this step (preemption)
+
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # '' -> auto-detect (TPU, SLURM) or single process.
   c.distributed.num_processes = 0
@@ -107,6 +112,7 @@ def with_size(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   """Sets the model dims of a named baseline size (GPAS.md section 3) and its Mix-LN post_num."""
   from gpas_jax import config as gconfig  # pylint: disable=import-outside-toplevel
   hidden, ffn, layers, heads, vocab = gconfig.SIZES[name]
+  c.size_name = name
   c.model.hidden_size = hidden
   c.model.intermediate_size = ffn
   c.model.num_layers = layers

@@ -8,6 +8,7 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
   """Returns the tiny CPU config."""
   c = base.get_config()
+  c.size_name = 'tiny'
   m = c.model
   m.vocab_size = 4096
   m.hidden_size = 128

@@ -100,20 +100,31 @@ class LayerStack(nnx.Module):
       return jax.tree.leaves(nnx.state(self.layers))[0].shape[0]
     return len(self.layers)
 
-  def __call__(self, x_NxD: jax.Array, batch: int, rope, segment_ids_BxT) -> jax.Array:
-    def apply(graphdef, state, x):
+  def __call__(self, x_NxD: jax.Array, batch: int, rope, segment_ids_BxT,
+               keep_L: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Returns the stream after the stack and after each of its layers ([count, N, D]).
+
+    keep_L (bool per layer) turns a layer into the identity where False: layer importance.
+    """
+    def apply(graphdef, state, x, keep):
       out = nnx.merge(graphdef, state)(x, batch, rope, segment_ids_BxT)
-      return sharding.constrain(out, ('act_tokens', 'act_embed'))
+      out = sharding.constrain(out, ('act_tokens', 'act_embed'))
+      return out if keep is None else jnp.where(keep, out, x)
 
     if self.remat_policy != 'none':
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat_policy], static_argnums=0)
     if self.scan:
       graphdef, state = nnx.split(self.layers)
-      x_NxD, _ = jax.lax.scan(lambda x, s: (apply(graphdef, s, x), None), x_NxD, state)
-      return x_NxD
-    for block in self.layers:
-      x_NxD = apply(*nnx.split(block), x_NxD)
-    return x_NxD
+      if keep_L is None:
+        body = lambda x, s: (apply(graphdef, s, x, None),) * 2
+        return jax.lax.scan(body, x_NxD, state)
+      body = lambda x, sk: (apply(graphdef, sk[0], x, sk[1]),) * 2
+      return jax.lax.scan(body, x_NxD, (state, keep_L))
+    outs = []
+    for i, block in enumerate(self.layers):
+      x_NxD = apply(*nnx.split(block), x_NxD, None if keep_L is None else keep_L[i])
+      outs.append(x_NxD)
+    return x_NxD, jnp.stack(outs)
 
 
 class Transformer(nnx.Module):
@@ -142,16 +153,27 @@ class Transformer(nnx.Module):
       x_NxD = jnp.where(frozen_N, jax.lax.stop_gradient(x_NxD), x_NxD)
     return x_NxD.astype(cfg.compute_dtype)
 
-  def __call__(self, input_ids_BxT: jax.Array,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, V]; segment ids (packed samples) keep attention within each document."""
+  def __call__(self, input_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None, *,
+               keep_L: jax.Array | None = None, return_hidden: bool = False):
+    """Logits [B, T, V]; segment ids (packed samples) keep attention within each document.
+
+    keep_L: bool [num_layers], False makes that layer the identity (layer importance).
+    return_hidden: also return the residual stream after the embedding and after every layer,
+    [num_layers + 1, B*T, D] (the activation analyses).
+    """
     cfg = self.config
     b, t = input_ids_BxT.shape
     rope = layers.rope_tables(t, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.compute_dtype))
     x_NxD = sharding.constrain(self.embed(input_ids_BxT), ('act_tokens', 'act_embed'))
+    hidden = [x_NxD[None]]
     for stack in self.stacks:
-      x_NxD = stack(x_NxD, b, rope, segment_ids_BxT)
-    return self.head(x_NxD).reshape(b, t, -1)
+      keep = None if keep_L is None else keep_L[stack.start:stack.start + len(stack)]
+      x_NxD, outs_LxNxD = stack(x_NxD, b, rope, segment_ids_BxT, keep)
+      hidden.append(outs_LxNxD)
+    logits_BxTxV = self.head(x_NxD).reshape(b, t, -1)
+    if return_hidden:
+      return logits_BxTxV, jnp.concatenate(hidden)
+    return logits_BxTxV
 
   def head(self, x_NxD: jax.Array) -> jax.Array:
     """The final norm and the output projection: logits [N, V]."""
@@ -182,6 +204,19 @@ def lm_loss(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array,
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
   count = jnp.sum(weights_BxT)
   return jnp.sum(ce_BxT * weights_BxT.astype(ce_BxT.dtype)) / count, count
+
+
+def gate_values(model: Transformer) -> jax.Array | None:
+  """Every layer's gate, [num_layers] (or [num_layers, 2] per sub-layer); None without GPAS."""
+  gates = []
+  for stack in model.stacks:
+    if stack.scan:
+      block = stack.layers
+      if hasattr(block, 'gpas_block'):
+        gates.append(block.gpas_block.gate[...])
+    else:
+      gates += [b.gpas_block.gate[...][None] for b in stack.layers if hasattr(b, 'gpas_block')]
+  return jnp.concatenate(gates) if gates else None
 
 
 def create_model(cfg: ModelConfig | Any, seed: int = 0) -> Transformer:

@@ -1,0 +1,16 @@
+"""A CPU-sized study: the tiny model, three architectures with and without GPAS, three seeds."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the sweep: tiny x 6 norm types x seeds 0, 1, 2 (18 runs)."""
+  c = ml_collections.ConfigDict()
+  c.base_config = {'tiny': 'configs/tiny.py'}
+  c.sizes = ('tiny',)
+  c.norm_types = ('pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns', 'lns_gpas')
+  c.seeds = (0, 1, 2)
+  c.overrides = ml_collections.ConfigDict()
+  # Placeholder, to be tuned so that one run takes ~1-2 min on 2 CPU cores (18 runs: < 40 min).
+  c.overrides.num_train_steps = 300
+  return c

@@ -1,0 +1,134 @@
+"""Training: loss falls, exact resume, sharded == single device, mesh changes, faults."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from gpas_jax import checkpoint as ckpt
+from gpas_jax import sharding
+from gpas_jax import trainer
+from tests.conftest import tiny_train_config
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    for line in f:
+      r = json.loads(line)
+      if 'loss' in r:
+        out[r['step']] = r['loss']
+  return out
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, jax.device_get(result['state']['params']))
+
+
+def test_loss_falls_on_the_tiny_config(tmp_path):
+  c = tiny_train_config(num_train_steps=30, eval_every_steps=30, checkpoint_every_steps=30,
+                        **{'optim.warmup_steps': 3, 'optim.lr': 1e-2})
+  result = trainer.train(c, str(tmp_path), jax.devices()[:1])
+  losses = _losses(str(tmp_path))
+  first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
+  assert last < first - 1.0, (first, last)
+  assert result['finished'] and np.isfinite(result['eval_loss'])
+  summary = json.load(open(tmp_path / 'summary.json', encoding='utf-8'))
+  assert summary['finished'] and summary['eval_ppl'] == pytest.approx(np.exp(summary['eval_loss']))
+
+
+def test_preempted_run_resumes_bitwise(tmp_path):
+  c = tiny_train_config(checkpoint_every_steps=100)
+  full = trainer.train(c, str(tmp_path / 'full'), jax.devices()[:1])
+  c_stop = tiny_train_config(checkpoint_every_steps=100, **{'debug.sigterm_at_step': 4})
+  part = trainer.train(c_stop, str(tmp_path / 'resumed'), jax.devices()[:1])
+  assert part['step'] == 4 and not part['finished']
+  assert ckpt.make_manager(str(tmp_path / 'resumed'), c).latest_step() == 4
+  resumed = trainer.train(c, str(tmp_path / 'resumed'), jax.devices()[:1])
+  assert resumed['step'] == 6 and resumed['finished']
+  assert _losses(str(tmp_path / 'full')) == _losses(str(tmp_path / 'resumed'))
+  for a, b in zip(jax.tree.leaves(_params(full)), jax.tree.leaves(_params(resumed))):
+    np.testing.assert_array_equal(a, b)
+  print('resume test: losses', _losses(str(tmp_path / 'resumed')))
+
+
+def test_2x2x2_mesh_matches_one_device_and_restores_on_other_meshes(tmp_path):
+  c1 = tiny_train_config(num_train_steps=3, checkpoint_every_steps=3)
+  one = trainer.train(c1, str(tmp_path / 'one'), jax.devices()[:1])
+  c8 = tiny_train_config(num_train_steps=3, checkpoint_every_steps=3,
+                         **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  eight = trainer.train(c8, str(tmp_path / 'eight'), jax.devices())
+  spec = eight['state']['params']['stacks'][0]['layers'][0]['mlp']['gate_proj'].sharding.spec
+  assert spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  l1, l8 = _losses(str(tmp_path / 'one')), _losses(str(tmp_path / 'eight'))
+  # Sharded reductions sum in another order: fp32 rounding, amplified a little by Adam.
+  np.testing.assert_allclose([l8[s] for s in l1], [l1[s] for s in l1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(eight))):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  # The (2,2,2) checkpoint restores exactly onto (8,1,1) and onto one device.
+  from gpas_jax import steps
+  manager = ckpt.make_manager(str(tmp_path / 'eight'), c8)
+  for mesh, devices in (((8, 1, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
+    c = tiny_train_config(**{'mesh.data': mesh[0], 'mesh.fsdp': mesh[1], 'mesh.tensor': mesh[2]})
+    s = steps.setup(c, devices)
+    state, _ = ckpt.restore(manager, 3, s.abstract_state)
+    leaf = state['params']['lm_head']
+    assert leaf.sharding.mesh.devices.size == len(devices)
+    for a, b in zip(jax.tree.leaves(_params(eight)), jax.tree.leaves(
+        jax.tree.map(np.asarray, jax.device_get(state['params'])))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_accumulating_four_micro_batches_is_the_mean_of_their_losses(tmp_path):
+  from gpas_jax import data as data_lib
+  from gpas_jax import steps
+  c = tiny_train_config(num_train_steps=2, **{'optim.micro_batches': 4})
+  s = steps.setup(c, jax.devices()[:1])
+  state = steps.init_state(s)
+  batch = next(data_lib.make_train_iterator(c))
+  eval_step = steps.make_eval_step(s)
+  # The baseline: each micro-batch's token mean, averaged (strided rows: micro-batch i = i::4).
+  expected = np.mean([float(eval_step(state['params'], steps.global_batch(
+      s, {k: v[i::4] for k, v in batch.items()}))[0]) for i in range(4)])
+  one_batch = float(eval_step(state['params'], steps.global_batch(s, batch))[0])
+  _, m = steps.make_train_step(s)(state, steps.global_batch(s, batch))
+  np.testing.assert_allclose(float(m['loss']), expected, rtol=1e-6)
+  assert abs(one_batch - expected) > 1e-6  # the rows' token counts differ: the grouping matters
+  # With equal token counts per micro-batch, 4 micro-batches equal one batch of 4x the size.
+  full = {k: np.repeat(v[:1], 8, axis=0) for k, v in batch.items()}
+  c1 = tiny_train_config(num_train_steps=2)
+  s1 = steps.setup(c1, jax.devices()[:1])
+  _, m1 = steps.make_train_step(s1)(steps.init_state(s1), steps.global_batch(s1, full))
+  s4 = steps.setup(c, jax.devices()[:1])
+  st4, m4 = steps.make_train_step(s4)(steps.init_state(s4), steps.global_batch(s4, full))
+  np.testing.assert_allclose(float(m4['loss']), float(m1['loss']), rtol=1e-6)
+  np.testing.assert_allclose(float(m4['grad_norm']), float(m1['grad_norm']), rtol=1e-5)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  c = tiny_train_config(**{'debug.inject_nan_step': 4})
+  with pytest.raises(trainer.NonFiniteError, match='step 5:.*last good checkpoint is step 3'):
+    trainer.train(c, str(tmp_path), jax.devices()[:1])
+  manager = ckpt.make_manager(str(tmp_path), c)
+  assert manager.all_steps() == [3]
+
+
+def test_nan_skip_policy_skips_the_update(tmp_path):
+  c = tiny_train_config(nan_policy='skip', **{'debug.inject_nan_step': 2})
+  result = trainer.train(c, str(tmp_path), jax.devices()[:1])
+  assert result['finished']
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_params(result)))
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl', encoding='utf-8')]
+  assert any(r.get('skipped_steps') == 1 for r in records)
+
+
+def test_unusable_mesh_is_rejected_before_compiling(tmp_path):
+  c = tiny_train_config(**{'mesh.data': 3, 'mesh.fsdp': 2})
+  with pytest.raises(sharding.MeshError, match='multiplies to 6, but there are 8 devices'):
+    trainer.train(c, str(tmp_path), jax.devices())
+  c = tiny_train_config(**{'mesh.data': 8, 'optim.micro_batches': 2})
+  with pytest.raises(sharding.MeshError, match='micro-batch of 4 sequences.*8 devices'):
+    trainer.train(c, str(tmp_path), jax.devices())
+  assert not os.path.exists(tmp_path / 'checkpoints')
