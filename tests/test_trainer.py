@@ -10,7 +10,7 @@ import pytest
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import sharding
 from gpas_jax import trainer
-from tests.conftest import tiny_train_config
+from tests.helpers import tiny_train_config
 
 
 def _losses(workdir):

@@ -1,0 +1,42 @@
+"""Shared test helpers (no jax side effects: subprocesses import this too)."""
+
+import os
+import tempfile
+
+# The embedded corpus and tokenizer are built once per machine and shared by the test workers
+# (the builders hold a file lock), instead of once per test.
+DATA_CACHE = os.environ.get('GPAS_TEST_CACHE',
+                            os.path.join(tempfile.gettempdir(), 'gpas_jax_test_cache'))
+
+
+def tiny_train_config(**overrides):
+  """The tiny config shrunk for tests: a few seconds of training on the embedded corpus."""
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.data.cache_dir = DATA_CACHE
+  c.data.tokenizer_vocab_size = 512
+  c.model.vocab_size = 512
+  c.model.hidden_size = 32
+  c.model.intermediate_size = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.post_num = 1
+  c.data.max_length = 32
+  c.data.eval_tokens = 2048
+  c.data.eval_batch_size = 8
+  c.optim.global_batch_size = 8
+  c.num_train_steps = 6
+  c.optim.warmup_steps = 2
+  c.log_every_steps = 1
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 3
+  c.checkpoint_async = False
+  c.logging.tensorboard = False
+  c.mesh.data = 1
+  for key, value in overrides.items():
+    section = c
+    parts = key.split('.')
+    for p in parts[:-1]:
+      section = section[p]
+    section[parts[-1]] = value
+  return c

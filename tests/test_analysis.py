@@ -1,0 +1,247 @@
+"""The analyses: activation variance, gradient norms, layer importance, figures, the run CLI."""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import types
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpas_jax import interop
+from gpas_jax import model as model_lib
+from gpas_jax.analysis import cli
+from gpas_jax.analysis import compare
+from gpas_jax.analysis import plots
+from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.analysis import stats
+from tests import torch_ref
+
+CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                            num_heads=2, norm_type='pre_gpas', post_num=1, scan_layers=False)
+IDS = np.array([[5, 6, 7, 9, 63, 2, 9, 11], [1, 2, 3, 4, 5, 0, 0, 0]], np.int32)
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def _perturbed(cfg, seed=0):
+  """A model with nonzero gates and perturbed gains, so that every path matters.
+
+  Initialised by the PyTorch reference: much faster than an eager JAX init on a busy CPU.
+  """
+  ref_cfg = torch_ref.RefConfig(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+                                cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
+  sd = torch_ref.state_dict_numpy(torch_ref.RefModel(ref_cfg, seed))
+  rng = np.random.default_rng(seed)
+  for k, v in sd.items():
+    if k.endswith('gate') or 'norm' in k:
+      sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(v.dtype)
+  return interop.from_torch_state_dict(sd, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids_BxT, keep_L):
+  return nnx.merge(graphdef, state)(ids_BxT, keep_L=keep_L)
+
+
+def _logits_and_loss(model, ids, keep_L=None):
+  logits = _forward(*nnx.split(model), jnp.asarray(ids), keep_L)
+  return np.asarray(logits), float(model_lib.lm_loss(logits, jnp.asarray(ids))[0])
+
+
+def _grads(model, ids=IDS):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss_fn = lambda p: model_lib.lm_loss(nnx.merge(graphdef, p, rest)(jnp.asarray(ids)), ids)[0]
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  return grads, interop.to_torch_state_dict(nnx.merge(graphdef, grads, rest))
+
+
+def _assert_png(path):
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  assert head == PNG and os.path.getsize(path) > 5000, path
+
+
+def test_activation_variance_at_layer0_is_the_embedding_variance():
+  model = _perturbed(CFG)
+  var_K = stats.activation_variance(model, IDS)
+  assert var_K.shape == (CFG.num_layers + 1,) and np.all(np.isfinite(var_K))
+  emb_NxD = interop.to_torch_state_dict(model)['model.embed_tokens.weight'][IDS.reshape(-1)]
+  real_N = IDS.reshape(-1) != 0
+  by_hand = np.mean(np.var(emb_NxD.astype(np.float64), axis=-1)[real_N])
+  np.testing.assert_allclose(var_K[0], by_hand, rtol=1e-5)
+  # Segment ids, when given, choose the tokens instead of the pad id.
+  seg = np.ones_like(IDS)
+  seg[1, 3:] = 0
+  var_seg = stats.activation_variance(model, IDS, seg)
+  keep_N = seg.reshape(-1) != 0
+  np.testing.assert_allclose(var_seg[0], np.mean(np.var(emb_NxD, axis=-1)[keep_N]), rtol=1e-5)
+
+
+@pytest.mark.parametrize('norm_type,scan', [('post_pre_gpas', True), ('pre', False)])
+def test_training_stats_record(norm_type, scan):
+  cfg = dataclasses.replace(CFG, norm_type=norm_type, scan_layers=scan)
+  model = _perturbed(cfg)
+  grads, grads_sd = _grads(model)
+  record = stats.training_stats(model, grads, IDS, step=7)
+  assert record['step'] == 7
+  assert len(record['act_var']) == cfg.num_layers + 1 and len(record['grad_norm']) == 3
+  assert np.all(np.isfinite(record['act_var'])) and np.all(np.isfinite(record['grad_norm']))
+  np.testing.assert_allclose(record['act_var'], stats.activation_variance(model, IDS), rtol=1e-6)
+  np.testing.assert_allclose(record['grad_norm'], stats.layer_grad_norms(grads_sd, 3), rtol=1e-5)
+  if norm_type.endswith('_gpas'):
+    gate = np.array([grads_sd[f'model.layers.{i}.gpas_block.gate'] * 0 +
+                     interop.to_torch_state_dict(model)[f'model.layers.{i}.gpas_block.gate']
+                     for i in range(3)])
+    np.testing.assert_allclose(record['gate'], gate, rtol=1e-6)
+    np.testing.assert_allclose(record['gate_scale'], 1 - np.asarray(jax.nn.silu(gate)),
+                               rtol=1e-6)
+  else:
+    assert 'gate' not in record and 'gate_scale' not in record
+  json.dumps(record)  # The record is JSON-ready as it is.
+
+
+def test_layer_grad_norms_by_hand():
+  sd = {'model.layers.0.mlp.up_proj.weight': np.full((2, 2), 1.0),
+        'model.layers.0.gpas_block.gate': np.array(2.0),
+        'model.layers.1.mlp.up_proj.weight': np.full((3,), 2.0),
+        'model.embed_tokens.weight': np.full((4, 4), 9.0)}
+  np.testing.assert_allclose(stats.layer_grad_norms(sd, 2), [np.sqrt(8.0), np.sqrt(12.0)])
+  with pytest.raises(ValueError, match='layers \\[2\\]'):
+    stats.layer_grad_norms(sd, 3)
+
+
+def _drop_layer(model, i):
+  """The same model without layer i: the state dict with layer i removed and later ones renumbered."""
+  cfg = model.config
+  sd = interop.to_torch_state_dict(model)
+  out = {}
+  for k, v in sd.items():
+    if k.startswith('model.layers.'):
+      j = int(k.split('.')[2])
+      if j == i:
+        continue
+      k = k.replace(f'model.layers.{j}.', f'model.layers.{j - (j > i)}.', 1)
+    out[k] = v
+  post_num = cfg.post_num - (i < cfg.post_num) if cfg.norm_type.startswith('post_pre') else 0
+  small = dataclasses.replace(cfg, num_layers=cfg.num_layers - 1, post_num=post_num)
+  return interop.from_torch_state_dict(out, small)
+
+
+@pytest.mark.parametrize('norm_type,skip', [('pre_gpas', 1), ('post_pre_gpas', 0)])
+def test_skipping_a_layer_equals_removing_it(norm_type, skip):
+  model = _perturbed(dataclasses.replace(CFG, norm_type=norm_type, scan_layers=True))
+  keep_L = np.ones(3, bool)
+  keep_L[skip] = False
+  small = _drop_layer(model, skip)
+  skipped_logits, skipped_loss = _logits_and_loss(model, IDS, jnp.asarray(keep_L))
+  small_logits, small_loss = _logits_and_loss(small, IDS)
+  np.testing.assert_allclose(skipped_logits, small_logits, rtol=1e-5, atol=1e-5)
+  if norm_type == 'pre_gpas':
+    # Importance = loss without the layer minus loss with all layers.
+    imp_L = stats.layer_importance(model, [{'input_ids': IDS}])
+    assert imp_L.shape == (3,) and np.all(np.isfinite(imp_L))
+    full_loss = _logits_and_loss(model, IDS, jnp.ones(3, bool))[1]
+    np.testing.assert_allclose(imp_L[skip], small_loss - full_loss, rtol=1e-4, atol=1e-6)
+    # Batches count equally (mean of per-batch token means), whatever their token counts.
+    ids2 = IDS.copy()
+    ids2[0, 2:] = 0
+    both = stats.layer_importance(model, [IDS, ids2])
+    one = stats.layer_importance(model, [ids2])
+    np.testing.assert_allclose(both, (imp_L + one) / 2, rtol=1e-5, atol=1e-7)
+
+
+def _fake_records(num_layers=3, steps=(0, 10, 20, 20, 30), per_sublayer=False):
+  rng = np.random.default_rng(0)
+  records = []
+  for s in steps:
+    gate = rng.normal(0, 0.3, (num_layers, 2) if per_sublayer else num_layers)
+    records.append({'step': s, 'act_var': (rng.uniform(0.1, 50, num_layers + 1)).tolist(),
+                    'grad_norm': rng.uniform(1e-3, 1, num_layers).tolist(),
+                    'gate': gate.tolist(), 'gate_scale': (1 - gate).tolist()})
+  records[1]['grad_norm'][0] = 'nan'
+  return [runs_lib._decode(r) for r in records]  # pylint: disable=protected-access
+
+
+def _fake_metrics(offset=0.0, gates=True):
+  out = []
+  for s in range(0, 60, 10):
+    out.append({'step': s, 'loss': 5.0 - s / 20 + offset, 'lr': 1e-3, 'grad_norm': 1.0})
+    if gates:
+      out[-1].update({'gate/0': 0.01 * s, 'gate/1': -0.01 * s,
+                      'gate_scale/0': 1 - 0.01 * s, 'gate_scale/1': 1 + 0.01 * s})
+    if s % 20 == 0:
+      out.append({'step': s, 'eval_loss': 5.1 - s / 20 + offset, 'eval_ppl': 100.0})
+  out.append({'step': 30, 'loss': 'nan', 'lr': 1e-3})  # A resumed run repeats step 30.
+  return out
+
+
+def test_plots_write_pngs(tmp_path):
+  recs = _fake_records()
+  paths = [
+      plots.activation_variance_heatmap(recs, str(tmp_path / 'av.png')),
+      plots.grad_norm_plot(recs, str(tmp_path / 'gn.png')),
+      plots.gate_plot(recs, str(tmp_path / 'gates.png')),
+      plots.gate_plot(_fake_records(per_sublayer=True), str(tmp_path / 'gates_sub.png')),
+      plots.gate_plot(runs_lib._decode(_fake_metrics()), str(tmp_path / 'gates_m.png')),  # pylint: disable=protected-access
+      plots.layer_importance_plot({'pre': [0.1, 0.5, 0.02], 'pre_gpas': [0.2, 0.6, 0.3]},
+                                  str(tmp_path / 'imp.png')),
+      plots.loss_curves_plot({'a': runs_lib._decode(_fake_metrics()),  # pylint: disable=protected-access
+                              'b': _fake_metrics(0.3)}, str(tmp_path / 'loss.png')),
+  ]
+  for p in paths:
+    _assert_png(p)
+  steps, gate, _, labels = plots.gate_series(_fake_records(per_sublayer=True))
+  assert list(steps) == [0, 10, 20, 30] and gate.shape == (4, 6) and labels[1] == '0.mlp'
+  with pytest.raises(ValueError, match='no gate'):
+    plots.gate_series([{'step': 0, 'loss': 1.0}])
+
+
+def _write_run(path, norm_type, seed, metrics, analysis):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump({'size_name': 'tiny', 'seed': seed, 'model': {'norm_type': norm_type}}, f)
+  for r in metrics:
+    runs_lib.append_jsonl(os.path.join(path, 'metrics.jsonl'), r)
+  for r in analysis:
+    runs_lib.append_jsonl(os.path.join(path, 'analysis.jsonl'), r)
+  return str(path)
+
+
+def test_run_cli_and_compare(tmp_path, monkeypatch):
+  model = _perturbed(CFG)
+  config = types.SimpleNamespace(data=types.SimpleNamespace(pad_id=0))
+  # The trainer's checkpoint module and the data pipeline are replaced by stand-ins.
+  fake_ckpt = types.ModuleType('gpas_jax.checkpoint')
+  fake_ckpt.load_model = lambda workdir, step=None: (config, model)
+  monkeypatch.setitem(sys.modules, 'gpas_jax.checkpoint', fake_ckpt)
+  monkeypatch.setattr('gpas_jax.data.make_eval_batches', lambda c: iter([IDS, IDS[::-1]]))
+  a = _write_run(tmp_path / 'a', 'pre_gpas', 0, _fake_metrics(), _fake_records())
+  b = _write_run(tmp_path / 'b', 'pre', 0, _fake_metrics(0.2, gates=False), [])
+  written = cli.analyze_run(a)
+  names = sorted(os.path.basename(p) for p in written)
+  assert names == ['activation_variance.png', 'gates.png', 'grad_norms.png', 'importance.json',
+                   'layer_importance.png', 'loss.png']
+  for p in written:
+    if p.endswith('.png'):
+      _assert_png(p)
+  imp = runs_lib.read_json(os.path.join(a, 'analysis', 'importance.json'))
+  assert len(imp['importance']) == 3 and np.all(np.isfinite(imp['importance']))
+  np.testing.assert_allclose(imp['importance'],
+                             np.array(imp['skipped_loss']) - imp['base_loss'], rtol=1e-6)
+  # A run without analysis records or a checkpoint still gets its loss curve.
+  monkeypatch.delitem(sys.modules, 'gpas_jax.checkpoint')
+  monkeypatch.setattr('gpas_jax.analysis.cli.run_importance',
+                      lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError('no ckpt')))
+  assert [os.path.basename(p) for p in cli.analyze_run(b, str(tmp_path / 'out_b'))] == [
+      'loss.png']
+  written = compare.compare_runs([a, b], str(tmp_path / 'cmp'))
+  assert sorted(os.path.basename(p) for p in written) == [
+      'act_var_by_layer.png', 'grad_norm_by_layer.png', 'layer_importance.png',
+      'loss_curves.png']
+  for p in written:
+    _assert_png(p)
