@@ -132,3 +132,49 @@ def test_unusable_mesh_is_rejected_before_compiling(tmp_path):
   with pytest.raises(sharding.MeshError, match='micro-batch of 4 sequences.*8 devices'):
     trainer.train(c, str(tmp_path), jax.devices())
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_kill_during_async_save_resumes_from_last_complete_checkpoint(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import textwrap
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg_file = tmp_path / 'cfg.py'
+  cfg_file.write_text(textwrap.dedent('''
+      from tests.helpers import tiny_train_config
+
+      def get_config():
+        c = tiny_train_config(num_train_steps=400, checkpoint_every_steps=2,
+                              eval_every_steps=1000, log_every_steps=50)
+        c.checkpoint_async = True
+        return c
+  '''))
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(root, 'train.py'), f'--config={cfg_file}',
+         f'--workdir={workdir}']
+  env = dict(os.environ, PYTHONPATH=root)
+  proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 120
+  try:  # SIGKILL while a save is in flight: a temporary (uncommitted) step directory exists
+    while time.time() < deadline:
+      names = os.listdir(ckpts) if ckpts.exists() else []
+      if any('tmp' in n for n in names) and any(n.isdigit() for n in names):
+        break
+      time.sleep(0.005)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  committed = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+  assert committed, os.listdir(ckpts)
+  c = tiny_train_config(num_train_steps=400, checkpoint_every_steps=2)
+  manager = ckpt.make_manager(str(workdir), c)
+  latest = manager.latest_step()
+  assert latest == committed[-1]
+  from gpas_jax import steps
+  s = steps.setup(c, jax.devices()[:1])
+  state, _ = ckpt.restore(manager, latest, s.abstract_state)  # the last complete one restores
+  assert int(state['step']) == latest
