@@ -92,7 +92,6 @@ def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.Co
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, 1, 1, 1
   config.optim.micro_batches = 1
-  config.optim.global_batch_size = config.data.eval_batch_size = 1
   s = steps.setup(config, jax.devices()[:1])
   manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                   item_handlers={STATE: ocp.StandardCheckpointHandler()})

@@ -161,6 +161,21 @@ def make_eval_step(s: Setup) -> Callable:
   return run
 
 
+def make_grad_step(s: Setup) -> Callable:
+  """The jitted gradient of one batch's loss (the per-layer analyses use it)."""
+  loss_fn = _loss_fn(s)
+  batch_sh = {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
+  jitted = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]),
+                   in_shardings=(s.state_shardings['params'], batch_sh),
+                   out_shardings=s.state_shardings['params'])
+
+  def run(params, batch):
+    with sharding.use_mesh(s.mesh, s.rules):
+      return jitted(params, batch)
+
+  return run
+
+
 def global_batch(s: Setup, local: dict[str, np.ndarray]) -> Batch:
   """This host's rows -> global arrays laid out over the data axes."""
   return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(local[k]))

@@ -124,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     state = steps.init_state(s)
   start = int(jax.device_get(state['step']))
   train_step, eval_step = steps.make_train_step(s), steps.make_eval_step(s)
+  grad_step = steps.make_grad_step(s) if config.analysis.every_steps else None
   writer = metrics_lib.MetricWriter.from_config(config, workdir)
   writer.total_steps = total
   tokens_per_step = config.optim.global_batch_size * config.data.max_length
@@ -177,6 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         scalars.update(gate_scalars(s, state['params']))
         writer.write_scalars(done, scalars)
         t_log, steps_since_log = time.time(), 0
+      every = config.analysis.every_steps
+      if every and (done % every == 0 or done == 1):
+        analyse(s, grad_step, state['params'], batch, done, workdir)
       if done % config.eval_every_steps == 0 or done == total:
         final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
       if done == config.debug.sigterm_at_step:  # a test hook
@@ -199,6 +203,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         'wall_s': time.time() - t_start, 'finished': True})
   return {'step': int(jax.device_get(state['step'])), 'finished': finished, **final,
           'state': state}
+
+
+def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -> None:
+  """Appends per-layer activation variance, gradient norms and gates to analysis.jsonl."""
+  from gpas_jax.analysis import runs, stats  # pylint: disable=import-outside-toplevel
+  grads = grad_step(params, batch)
+  seg = batch['segment_ids'] if s.config.data.layout == 'packed' else None
+  model = nnx.merge(s.graphdef, params, s.rest)
+  record = stats.training_stats(model, grads, batch['input_ids'], seg, s.config.data.pad_id,
+                                step=step)
+  if jax.process_index() == 0:
+    runs.append_jsonl(os.path.join(workdir, 'analysis.jsonl'), record)
 
 
 def evaluate_and_log(s: steps.Setup, eval_step, params, eval_batches, writer, step: int) -> dict:

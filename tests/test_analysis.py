@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from gpas_jax import interop
 from gpas_jax import model as model_lib
@@ -28,19 +29,26 @@ IDS = np.array([[5, 6, 7, 9, 63, 2, 9, 11], [1, 2, 3, 4, 5, 0, 0, 0]], np.int32)
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
-def _perturbed(cfg, seed=0):
-  """A model with nonzero gates and perturbed gains, so that every path matters.
+def _ref_config(cfg):
+  return torch_ref.RefConfig(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+                             cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
+
+
+def _perturbed_sd(cfg, seed=0):
+  """Baseline weights with nonzero gates and perturbed gains, so that every path matters.
 
   Initialised by the PyTorch reference: much faster than an eager JAX init on a busy CPU.
   """
-  ref_cfg = torch_ref.RefConfig(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
-                                cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
-  sd = torch_ref.state_dict_numpy(torch_ref.RefModel(ref_cfg, seed))
+  sd = torch_ref.state_dict_numpy(torch_ref.RefModel(_ref_config(cfg), seed))
   rng = np.random.default_rng(seed)
   for k, v in sd.items():
     if k.endswith('gate') or 'norm' in k:
       sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(v.dtype)
-  return interop.from_torch_state_dict(sd, cfg)
+  return sd
+
+
+def _perturbed(cfg, seed=0):
+  return interop.from_torch_state_dict(_perturbed_sd(cfg, seed), cfg)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -53,11 +61,15 @@ def _logits_and_loss(model, ids, keep_L=None):
   return np.asarray(logits), float(model_lib.lm_loss(logits, jnp.asarray(ids))[0])
 
 
-def _grads(model, ids=IDS):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  loss_fn = lambda p: model_lib.lm_loss(nnx.merge(graphdef, p, rest)(jnp.asarray(ids)), ids)[0]
-  grads = jax.jit(jax.grad(loss_fn))(params)
-  return grads, interop.to_torch_state_dict(nnx.merge(graphdef, grads, rest))
+def _grads(cfg, sd, ids=IDS):
+  """Gradients by the PyTorch reference: (as our param tree, under the baseline's names)."""
+  ref = torch_ref.RefModel(_ref_config(cfg))
+  torch_ref.load_numpy_state_dict(ref, sd)
+  ids_t = torch.from_numpy(ids.astype(np.int64))
+  torch_ref.loss_fn(ref(ids_t), ids_t).backward()
+  grads_sd = {k: p.grad.numpy().copy() for k, p in ref.named_parameters()}
+  # A model whose parameters are the gradients has exactly the trainer's gradient tree.
+  return nnx.state(interop.from_torch_state_dict(grads_sd, cfg), nnx.Param), grads_sd
 
 
 def _assert_png(path):
@@ -85,21 +97,21 @@ def test_activation_variance_at_layer0_is_the_embedding_variance():
 @pytest.mark.parametrize('norm_type,scan', [('post_pre_gpas', True), ('pre', False)])
 def test_training_stats_record(norm_type, scan):
   cfg = dataclasses.replace(CFG, norm_type=norm_type, scan_layers=scan)
-  model = _perturbed(cfg)
-  grads, grads_sd = _grads(model)
+  sd = _perturbed_sd(cfg)
+  model = interop.from_torch_state_dict(sd, cfg)
+  grads, grads_sd = _grads(cfg, sd)
   record = stats.training_stats(model, grads, IDS, step=7)
   assert record['step'] == 7
   assert len(record['act_var']) == cfg.num_layers + 1 and len(record['grad_norm']) == 3
   assert np.all(np.isfinite(record['act_var'])) and np.all(np.isfinite(record['grad_norm']))
-  np.testing.assert_allclose(record['act_var'], stats.activation_variance(model, IDS), rtol=1e-6)
+  emb_NxD = sd['model.embed_tokens.weight'][IDS.reshape(-1)]
+  np.testing.assert_allclose(record['act_var'][0],
+                             np.mean(np.var(emb_NxD, axis=-1)[IDS.reshape(-1) != 0]), rtol=1e-5)
   np.testing.assert_allclose(record['grad_norm'], stats.layer_grad_norms(grads_sd, 3), rtol=1e-5)
   if norm_type.endswith('_gpas'):
-    gate = np.array([grads_sd[f'model.layers.{i}.gpas_block.gate'] * 0 +
-                     interop.to_torch_state_dict(model)[f'model.layers.{i}.gpas_block.gate']
-                     for i in range(3)])
+    gate = np.array([sd[f'model.layers.{i}.gpas_block.gate'] for i in range(3)])
     np.testing.assert_allclose(record['gate'], gate, rtol=1e-6)
-    np.testing.assert_allclose(record['gate_scale'], 1 - np.asarray(jax.nn.silu(gate)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(record['gate_scale'], 1 - gate / (1 + np.exp(-gate)), rtol=1e-5)
   else:
     assert 'gate' not in record and 'gate_scale' not in record
   json.dumps(record)  # The record is JSON-ready as it is.
@@ -116,7 +128,7 @@ def test_layer_grad_norms_by_hand():
 
 
 def _drop_layer(model, i):
-  """The same model without layer i: the state dict with layer i removed and later ones renumbered."""
+  """The model without layer i: its state dict minus layer i, later layers renumbered."""
   cfg = model.config
   sd = interop.to_torch_state_dict(model)
   out = {}
@@ -164,7 +176,7 @@ def _fake_records(num_layers=3, steps=(0, 10, 20, 20, 30), per_sublayer=False):
                     'grad_norm': rng.uniform(1e-3, 1, num_layers).tolist(),
                     'gate': gate.tolist(), 'gate_scale': (1 - gate).tolist()})
   records[1]['grad_norm'][0] = 'nan'
-  return [runs_lib._decode(r) for r in records]  # pylint: disable=protected-access
+  return records
 
 
 def _fake_metrics(offset=0.0, gates=True):
@@ -180,18 +192,26 @@ def _fake_metrics(offset=0.0, gates=True):
   return out
 
 
+def _roundtrip(records, path):
+  """Through a jsonl file, as the tools read them ('nan' strings back to floats)."""
+  for r in records:
+    runs_lib.append_jsonl(str(path), r)
+  return runs_lib.read_jsonl(str(path))
+
+
 def test_plots_write_pngs(tmp_path):
-  recs = _fake_records()
+  recs = _roundtrip(_fake_records(), tmp_path / 'analysis.jsonl')
+  metrics = _roundtrip(_fake_metrics(), tmp_path / 'metrics.jsonl')
+  assert np.isnan(recs[1]['grad_norm'][0]) and np.isnan(metrics[-1]['loss'])
   paths = [
       plots.activation_variance_heatmap(recs, str(tmp_path / 'av.png')),
       plots.grad_norm_plot(recs, str(tmp_path / 'gn.png')),
       plots.gate_plot(recs, str(tmp_path / 'gates.png')),
       plots.gate_plot(_fake_records(per_sublayer=True), str(tmp_path / 'gates_sub.png')),
-      plots.gate_plot(runs_lib._decode(_fake_metrics()), str(tmp_path / 'gates_m.png')),  # pylint: disable=protected-access
+      plots.gate_plot(metrics, str(tmp_path / 'gates_m.png')),
       plots.layer_importance_plot({'pre': [0.1, 0.5, 0.02], 'pre_gpas': [0.2, 0.6, 0.3]},
                                   str(tmp_path / 'imp.png')),
-      plots.loss_curves_plot({'a': runs_lib._decode(_fake_metrics()),  # pylint: disable=protected-access
-                              'b': _fake_metrics(0.3)}, str(tmp_path / 'loss.png')),
+      plots.loss_curves_plot({'a': metrics, 'b': _fake_metrics(0.3)}, str(tmp_path / 'loss.png')),
   ]
   for p in paths:
     _assert_png(p)
@@ -204,7 +224,8 @@ def test_plots_write_pngs(tmp_path):
 def _write_run(path, norm_type, seed, metrics, analysis):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump({'size_name': 'tiny', 'seed': seed, 'model': {'norm_type': norm_type}}, f)
+    json.dump({'size_name': 'tiny', 'seed': seed, 'model': {'norm_type': norm_type},
+               'data': {'pad_id': 0, 'layout': 'padded'}}, f)
   for r in metrics:
     runs_lib.append_jsonl(os.path.join(path, 'metrics.jsonl'), r)
   for r in analysis:
@@ -214,13 +235,15 @@ def _write_run(path, norm_type, seed, metrics, analysis):
 
 def test_run_cli_and_compare(tmp_path, monkeypatch):
   model = _perturbed(CFG)
-  config = types.SimpleNamespace(data=types.SimpleNamespace(pad_id=0))
   # The trainer's checkpoint module and the data pipeline are replaced by stand-ins.
   fake_ckpt = types.ModuleType('gpas_jax.checkpoint')
-  fake_ckpt.load_model = lambda workdir, step=None: (config, model)
+  fake_ckpt.load_model = lambda workdir, step=None: (None, model)
   monkeypatch.setitem(sys.modules, 'gpas_jax.checkpoint', fake_ckpt)
-  monkeypatch.setattr('gpas_jax.data.make_eval_batches', lambda c: iter([IDS, IDS[::-1]]))
+  monkeypatch.setattr('gpas_jax.data.make_eval_batches',
+                      lambda c: iter([{'input_ids': b, 'segment_ids': np.ones_like(b)}
+                                      for b in (IDS, IDS[::-1].copy())]))
   a = _write_run(tmp_path / 'a', 'pre_gpas', 0, _fake_metrics(), _fake_records())
+  os.makedirs(os.path.join(a, 'checkpoints', '4'))
   b = _write_run(tmp_path / 'b', 'pre', 0, _fake_metrics(0.2, gates=False), [])
   written = cli.analyze_run(a)
   names = sorted(os.path.basename(p) for p in written)
@@ -230,9 +253,9 @@ def test_run_cli_and_compare(tmp_path, monkeypatch):
     if p.endswith('.png'):
       _assert_png(p)
   imp = runs_lib.read_json(os.path.join(a, 'analysis', 'importance.json'))
-  assert len(imp['importance']) == 3 and np.all(np.isfinite(imp['importance']))
+  assert imp['step'] == 4
   np.testing.assert_allclose(imp['importance'],
-                             np.array(imp['skipped_loss']) - imp['base_loss'], rtol=1e-6)
+                             stats.layer_importance(model, [IDS, IDS[::-1].copy()]), rtol=1e-6)
   # A run without analysis records or a checkpoint still gets its loss curve.
   monkeypatch.delitem(sys.modules, 'gpas_jax.checkpoint')
   monkeypatch.setattr('gpas_jax.analysis.cli.run_importance',

@@ -29,7 +29,7 @@ def _params(result):
 
 def test_loss_falls_on_the_tiny_config(tmp_path):
   c = tiny_train_config(num_train_steps=30, eval_every_steps=30, checkpoint_every_steps=30,
-                        **{'optim.warmup_steps': 3, 'optim.lr': 1e-2})
+                        **{'optim.warmup_steps': 3, 'optim.lr': 1e-2, 'analysis.every_steps': 10})
   result = trainer.train(c, str(tmp_path), jax.devices()[:1])
   losses = _losses(str(tmp_path))
   first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (28, 29, 30)])
@@ -37,6 +37,13 @@ def test_loss_falls_on_the_tiny_config(tmp_path):
   assert result['finished'] and np.isfinite(result['eval_loss'])
   summary = json.load(open(tmp_path / 'summary.json', encoding='utf-8'))
   assert summary['finished'] and summary['eval_ppl'] == pytest.approx(np.exp(summary['eval_loss']))
+  records = [json.loads(l) for l in open(tmp_path / 'analysis.jsonl', encoding='utf-8')]
+  assert [r['step'] for r in records] == [1, 10, 20, 30]
+  assert len(records[-1]['act_var']) == 3 and len(records[-1]['grad_norm']) == 2
+  assert records[0]['gate'] == [0.0, 0.0] and records[-1]['gate'] != [0.0, 0.0]
+  _, model = ckpt.load_model(str(tmp_path))  # the checkpoint loads back as a model
+  np.testing.assert_array_equal(np.asarray(model.lm_head[...]),
+                                np.asarray(result['state']['params']['lm_head']))
 
 
 def test_preempted_run_resumes_bitwise(tmp_path):

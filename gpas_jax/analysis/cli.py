@@ -1,0 +1,107 @@
+"""`python -m gpas_jax.analysis --workdir RUN [--out DIR]`: every figure of one run.
+
+From the run's jsonl files: activation-variance heatmap, per-layer gradient norms, gates, loss
+curves. With a checkpoint (and `--importance`, the default): layer importance on the first
+`--importance_batches` eval batches, written as a figure and as importance.json.
+"""
+
+import itertools
+import json
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from gpas_jax.analysis import plots
+from gpas_jax.analysis import runs as runs_lib
+
+
+def run_importance(workdir: str, step: int | None = None,
+                   max_batches: int | None = 16) -> dict[str, Any]:
+  """Layer importance of a run's checkpoint on its eval batches, as importance.json holds it."""
+  saved = runs_lib.checkpoint_steps(workdir)
+  if not saved:
+    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
+  step = saved[-1] if step is None else step  # Recorded with the result.
+  # Lazy: the checkpoint and data modules pull in orbax and grain, not needed for the figures.
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from gpas_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gpas_jax import data  # pylint: disable=import-outside-toplevel
+  from gpas_jax.analysis import stats  # pylint: disable=import-outside-toplevel
+  _, model = checkpoint.load_model(workdir, step=step)
+  # The run's own config.json: load_model shrinks the batch sizes for its one-device restore.
+  config = ml_collections.ConfigDict(runs_lib.read_json(os.path.join(workdir, 'config.json')))
+  batches = data.make_eval_batches(config)
+  if max_batches:
+    batches = itertools.islice(batches, max_batches)
+  batches = stats.model_batches(batches, packed=config.data.layout == 'packed')
+  base, skipped_L = stats.layer_losses(model, batches, pad_id=config.data.pad_id)
+  return {'step': step, 'base_loss': base, 'skipped_loss': skipped_L.tolist(),
+          'importance': (skipped_L - base).tolist(), 'max_batches': max_batches}
+
+
+def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = True,
+                importance_batches: int | None = 16, step: int | None = None) -> list[str]:
+  """Writes every figure the run's files allow into out_dir (default RUN/analysis); their paths."""
+  run = runs_lib.load_run(workdir)
+  out_dir = out_dir or os.path.join(workdir, 'analysis')
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  title = run.label
+  records = run.analysis()
+  metrics = run.metrics()
+  jobs = [
+      ('activation_variance.png', plots.activation_variance_heatmap, records,
+       f'{title}: residual-stream variance'),
+      ('grad_norms.png', plots.grad_norm_plot, records, f'{title}: per-layer gradient norm'),
+      # metrics.jsonl logs the gates more often than analysis.jsonl; use it when it has them.
+      ('gates.png', plots.gate_plot,
+       metrics if any(k.startswith('gate/') for r in metrics for k in r) else records,
+       f'{title}: GPAS gates'),
+  ]
+  for fname, fn, recs, fig_title in jobs:
+    try:
+      written.append(fn(recs, os.path.join(out_dir, fname), title=fig_title))
+    except ValueError as e:  # No such records (analysis off, or no GPAS): skip that figure.
+      logging.info('Skipping %s: %s', fname, e)
+  if any('loss' in r for r in metrics):
+    written.append(plots.loss_curves_plot({title: metrics}, os.path.join(out_dir, 'loss.png'),
+                                          title=title))
+  if importance:
+    try:
+      imp = run_importance(workdir, step=step, max_batches=importance_batches)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+      logging.warning('No layer importance for %s: %s', workdir, e)
+    else:
+      path = os.path.join(out_dir, 'importance.json')
+      with open(path, 'w', encoding='utf-8') as f:
+        json.dump(imp, f, indent=1)
+      written += [path, plots.layer_importance_plot(
+          {title: imp['importance']}, os.path.join(out_dir, 'layer_importance.png'),
+          title=f'{title}: layer importance')]
+  return written
+
+
+def define_flags() -> None:
+  """Defines this tool's flags (only when run as a program, so modules import side-effect free)."""
+  flags.DEFINE_string('workdir', None, 'The run directory.', required=True)
+  flags.DEFINE_string('out', None, 'Output folder; default WORKDIR/analysis.')
+  flags.DEFINE_bool('importance', True, 'Compute layer importance from the checkpoint.')
+  flags.DEFINE_integer('importance_batches', 16, 'Eval batches for layer importance (each costs '
+                       'L+1 forwards); 0 = the whole eval set.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step for importance; default latest.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  for path in analyze_run(f.workdir, f.out, f.importance, f.importance_batches or None, f.step):
+    print(path)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,77 @@
+"""The sweep runner: the commands it prints, skipping finished runs, running them in turn."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from gpas_jax import sweep
+
+
+def _print_only(*args):
+  out = subprocess.run([sys.executable, '-m', 'gpas_jax.sweep', '--print_only', *args],
+                       capture_output=True, text=True, check=True).stdout
+  return [shlex.split(line) for line in out.splitlines()]
+
+
+def _flags(argv):
+  return {a.split('=')[0]: a.split('=', 1)[1] for a in argv if a.startswith('--config.')}
+
+
+def test_cpu_study_commands(tmp_path):
+  root = str(tmp_path / 'runs')
+  cmds = _print_only('--sweep', 'configs/sweeps/cpu_study.py', '--root', root)
+  assert len(cmds) == 1 * 6 * 3
+  seen = set()
+  for argv in cmds:
+    assert argv[:4] == ['python', 'train.py', '--config', 'configs/tiny.py']
+    assert argv[4] == '--workdir'
+    f = _flags(argv)
+    nt, seed = f['--config.model.norm_type'], int(f['--config.seed'])
+    assert argv[5] == os.path.join(root, 'tiny', nt, f'seed{seed}')
+    assert f['--config.num_train_steps'] == '300' and len(f) == 3
+    seen.add((nt, seed))
+  assert seen == {(n, s) for n in ('pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns',
+                                   'lns_gpas') for s in (0, 1, 2)}
+  # A finished run (summary.json) is left out with --skip_finished.
+  os.makedirs(os.path.join(root, 'tiny', 'lns', 'seed1'))
+  with open(os.path.join(root, 'tiny', 'lns', 'seed1', 'summary.json'), 'w') as f:
+    f.write('{}')
+  cmds = _print_only('--sweep', 'configs/sweeps/cpu_study.py', '--root', root, '--skip_finished')
+  assert len(cmds) == 17
+  assert os.path.join(root, 'tiny', 'lns', 'seed1') not in [c[5] for c in cmds]
+
+
+def test_paper_table_commands():
+  cmds = _print_only('--sweep', 'configs/sweeps/paper_table.py', '--root', 'R',
+                     '--sweep.seeds=(0,1)')
+  assert len(cmds) == 5 * 8 * 2
+  sizes = {c[3] for c in cmds}
+  assert sizes == {f'configs/llama_{s}.py' for s in ('71m', '130m', '250m', '350m', '1b')}
+  assert all(os.path.isfile(s) for s in sizes)
+  assert {_flags(c)['--config.model.norm_type'] for c in cmds} == {
+      'pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns', 'lns_gpas', 'post_pre',
+      'post_pre_gpas'}
+  assert cmds[0][5] == os.path.join('R', '71m', 'pre', 'seed0')
+
+
+def test_run_sweep_runs_each_command(tmp_path):
+  # A stand-in train.py that records its arguments; the second run fails.
+  script = tmp_path / 'fake_train.py'
+  script.write_text(
+      'import json, os, sys\n'
+      "wd = sys.argv[sys.argv.index('--workdir') + 1]\n"
+      'os.makedirs(wd, exist_ok=True)\n'
+      "json.dump(sys.argv[1:], open(os.path.join(wd, 'argv.json'), 'w'))\n"
+      "sys.exit(3 if 'seed1' in wd else 0)\n")
+  cfg = sweep.load_config_file('configs/sweeps/cpu_study.py')
+  cfg.norm_types = ('pre',)
+  cfg.seeds = (0, 1)
+  cfg.overrides.optim = {'lr': 0.01}
+  runs = sweep.plan(cfg, str(tmp_path / 'r'))
+  failed = sweep.run_sweep(runs, sys.executable, str(script))
+  assert [r.seed for r in failed] == [1]
+  argv = json.loads((tmp_path / 'r' / 'tiny' / 'pre' / 'seed0' / 'argv.json').read_text())
+  assert argv[-4:] == ['--config.model.norm_type=pre', '--config.seed=0',
+                       '--config.num_train_steps=300', '--config.optim.lr=0.01']
