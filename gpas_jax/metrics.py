@@ -251,9 +251,14 @@ class MetricWriter:
       if key in scalars:
         v = scalars[key]
         parts.append(f'{label} {fmt(v) if isinstance(v, (int, float)) else v}')
+    series: dict[str, list[float]] = {}
     for key, v in scalars.items():
-      if key not in _STDOUT_FORMATS:
+      if '/' in key:  # per-layer series (gate/3): a range on stdout, every value in the files
+        series.setdefault(key.split('/', 1)[0], []).append(v)
+      elif key not in _STDOUT_FORMATS:
         parts.append(f'{key}={v:.4g}' if isinstance(v, float) else f'{key}={v}')
+    for name, values in series.items():
+      parts.append(f'{name} {min(values):.4g}..{max(values):.4g}')
     return ' | '.join(parts)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

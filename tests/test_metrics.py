@@ -141,3 +141,11 @@ def test_from_config_and_missing_wandb(tmp_path):
     pass
   with pytest.raises(ImportError, match='pip install wandb'):
     metrics.MetricWriter.from_config(c, str(tmp_path), process_index=0)
+
+
+def test_stdout_line_summarises_per_layer_series():
+  from gpas_jax import metrics
+  w = metrics.MetricWriter('/nonexistent', jsonl=False, stdout=False, total_steps=10)
+  line = w.format_line(3, {'loss': 2.0, 'gate/0': 0.1, 'gate/1': -0.2, 'gate_scale/0': 0.95,
+                           'gate_scale/1': 1.1})
+  assert 'gate -0.2..0.1' in line and 'gate_scale 0.95..1.1' in line and 'gate/0' not in line
