@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.data_dir = ''
   d.text_dir = ''
   d.text_field = 'text'
+  d.validation_percent = 2.0  # text_folder: share of documents (by hash) in the validation split
+  d.validation_glob = ''  # text_folder: files matching this glob form the validation split
   d.train_split = 'train'
   d.eval_split = 'validation'
   d.tokenizer = ''  # A sentencepiece .model; '' trains (once, cached) one on the embedded corpus.

@@ -69,11 +69,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   if data_iterator is not None:
     saved_count, count = meta.get('process_count'), jax.process_count()
     path = epath.Path(manager.directory) / str(step) / DATA
-    if not (path / f'process_{jax.process_index()}-of-{count}.json').exists():
-      raise RuntimeError(
-          f'checkpoint step {step} holds the data iterator state of {saved_count} processes but '
-          f'this run has {count}; resume with {saved_count} processes, or start a new workdir.')
-    args[DATA] = grain.checkpoint.CheckpointRestore(_DataState(data_iterator))
+    if (path / f'process_{jax.process_index()}-of-{count}.json').exists():
+      args[DATA] = grain.checkpoint.CheckpointRestore(_DataState(data_iterator))
+    else:
+      # Another host count: the padded layout's state is one global position, the same on
+      # every host, so any host's file resumes it; the packed layout refuses with both counts.
+      first = path / f'process_0-of-{saved_count}.json'
+      if not first.exists():
+        raise RuntimeError(f'checkpoint step {step} has no data iterator state in {path}.')
+      data_iterator.set_state(json.loads(first.read_text()))
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored[STATE], meta
 

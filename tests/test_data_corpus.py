@@ -1,9 +1,12 @@
 """The embedded corpus, the text-folder builder, TFDS sources, and the errors for bad input."""
 
+import gzip
 import hashlib
 import json
 import os
 import pathlib
+import shutil
+import socket
 
 import pytest
 import tensorflow_datasets as tfds
@@ -46,7 +49,12 @@ def _records_digest(ds_dir: pathlib.Path) -> dict[str, tuple[int, str]]:
   return out
 
 
-def test_embedded_corpus_is_deterministic_and_offline(cache, tmp_path):
+def test_embedded_corpus_is_deterministic_and_offline(cache, tmp_path, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise AssertionError(f'network access: {args}')
+
+  monkeypatch.setattr(socket.socket, 'connect', no_network)
+  monkeypatch.setattr(socket, 'create_connection', no_network)
   ds_dir = sources.prepare_embedded(cache)
   corpus_dir = cache / 'corpus' / corpus.python_tag()
   # Extract again from scratch: the same bytes.
@@ -105,6 +113,26 @@ def test_text_folder_builds_split_and_reads_by_name(cache, tmp_path):
   assert len(by_name) >= 1
 
 
+def test_gzipped_c4_files_split_by_file_name(cache, tmp_path):
+  # The layout of Hugging Face's allenai/c4 en files: JSON lines, gzipped, split by file name.
+  folder = tmp_path / 'c4'
+  folder.mkdir()
+  for name, n in (('c4-train.00000-of-00002.json.gz', 5), ('c4-train.00001-of-00002.json.gz', 4),
+                  ('c4-validation.00000-of-00001.json.gz', 3)):
+    with gzip.open(folder / name, 'wt', encoding='utf-8') as f:
+      for i in range(n):
+        f.write(json.dumps({'text': f'{name.split(".")[0]} page {i}', 'url': 'u'}) + '\n')
+  c = _config(cache, source='text_folder', text_dir=str(folder), validation_glob='c4-validation.*')
+  val = sources.open_split(c, 'validation').source
+  assert sorted(sources.record_text(val[i], 'text') for i in range(len(val))) == [
+      f'c4-validation page {i}' for i in range(3)]
+  assert len(sources.open_split(c, 'train').source) == 9
+  c.data.validation_glob = 'c4-valid.*'
+  with pytest.raises(DataError,
+                     match=r"validation_glob='c4-valid.\*' matches the files of 0 of 12"):
+    sources.open_split(c, 'train')
+
+
 class FakeC4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A few records laid out exactly like a prepared c4/en:3.1.0."""
   name = 'c4'
@@ -139,6 +167,15 @@ def test_tfds_source_reads_prepared_dataset_and_reports_problems(cache, tmp_path
   with pytest.raises(DataError, match=r"no feature 'content'.*data.text_field"):
     sources.open_split(_config(cache, source='tfds', tfds_name='c4/en:3.1.0',
                                data_dir=str(data_dir), text_field='content'), 'train')
+  # A copy prepared as TFRecord cannot be read without TensorFlow: say how to convert it.
+  old = tmp_path / 'old'
+  shutil.copytree(data_dir / 'c4' / 'en' / '3.1.0', old / 'c4' / 'en' / '3.1.0')
+  info = old / 'c4' / 'en' / '3.1.0' / 'dataset_info.json'
+  info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
+  with pytest.raises(DataError, match=r'holds tfrecord files.*tfds convert_format '
+                     r'--dataset_version_dir=.*--out_file_format=array_record'):
+    sources.open_split(_config(cache, source='tfds', tfds_name='c4/en:3.1.0', data_dir=str(old)),
+                       'train')
   missing = tmp_path / 'nowhere'
   with pytest.raises(ConfigError, match=f"data.data_dir='{missing}' does not exist.*tfds build"):
     validate_data(_config(cache, source='tfds', data_dir=str(missing)), process_count=1)

@@ -57,3 +57,10 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   assert states[0]['meta']['process_index'] == 0 and states[1]['meta']['process_index'] == 1
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['finished'] and summary['step'] == 4
+  # The host count changes: one process resumes the two-process checkpoint (padded layout).
+  one = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={cfg_file}',
+       f'--workdir={workdir}', '--config.num_train_steps=6', '--config.eval_every_steps=6'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+  assert 'Resumed from' in one.stderr and 'final step 6' in one.stdout

@@ -1,0 +1,106 @@
+"""SentencePiece: the cached default tokenizer, exact round trips, training, the CLI, errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from gpas_jax.data import get_tokenizer
+from gpas_jax.data import load_tokenizer
+from gpas_jax.data import sources
+from gpas_jax.data import tokenizer as tokenizer_lib
+from gpas_jax.data import train_tokenizer
+from gpas_jax.data import validate_data
+from gpas_jax.data.errors import DataError
+
+
+@pytest.fixture(scope='session')
+def cache(tmp_path_factory) -> pathlib.Path:
+  """A build cache shared by the xdist workers (builds are locked, so they never race)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  return root / 'gpas_data_cache'
+
+
+def _config(cache_dir, **data):
+  c = tiny.get_config()
+  c.data.cache_dir = str(cache_dir)
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def test_default_tokenizer_is_cached_t5_shaped_and_lossless(cache):
+  c = _config(cache)
+  sp = get_tokenizer(c)
+  path = tokenizer_lib.default_tokenizer_path(c)
+  assert path.exists() and f'-{c.data.tokenizer_vocab_size}.model' in path.name
+  ids = (sp.vocab_size(), sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id())
+  assert ids == (4096, 0, 1, 2, -1)
+  mtime = path.stat().st_mtime_ns
+  assert tokenizer_lib.fingerprint(get_tokenizer(c)) == tokenizer_lib.fingerprint(sp)
+  assert path.stat().st_mtime_ns == mtime  # Reused, not retrained.
+  texts = []
+  for split in ('train', 'validation'):
+    texts += list(tokenizer_lib.split_texts(sources.open_split(c, split)))
+  texts += ['  two leading spaces', 'trailing  \n\n', 'tabs\tand\u00a0nbsp', 'emoji 😀 ß ǅ',
+            '\u2028odd separators\r\n', '']
+  ids = sp.encode(texts)
+  bad = [t for t, i in zip(texts, ids) if sp.decode(i) != t]
+  assert not bad, bad[:3]
+  # A compact vocab for English: well under one token per 2 characters on its own corpus.
+  assert sum(map(len, ids)) < sum(map(len, texts)) / 2.5
+
+
+def test_training_is_deterministic_and_lossless(tmp_path):
+  texts = [f'Line {i}: the quick brown fox {i % 7} jumps over the lazy dog.\nok'
+           for i in range(300)]
+  a = train_tokenizer(texts, 400, tmp_path / 'a.model')
+  b = train_tokenizer(texts, 400, tmp_path / 'b.model')
+  assert (tmp_path / 'a.model').read_bytes() == (tmp_path / 'b.model').read_bytes()
+  assert a.vocab_size() == b.vocab_size() <= 400
+  sample = 'Zürich: unseen wörds\n  and 12345 digits'
+  assert a.decode(a.encode(sample)) == sample
+  assert load_tokenizer(str(tmp_path / 'a.model')).encode(sample) == a.encode(sample)
+
+
+def test_cli_help_and_training_on_a_text_folder(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  out = subprocess.run([sys.executable, '-m', 'gpas_jax.data.tokenizer', '--help'],
+                       capture_output=True, text=True, env=env, check=True, timeout=120)
+  assert '--vocab_size' in out.stdout and '--text_dir' in out.stdout
+  folder = tmp_path / 'texts'
+  folder.mkdir()
+  for i in range(30):
+    (folder / f'{i}.txt').write_text(f'File {i} holds some words about topic {i % 5}.\n' * 3)
+  model = tmp_path / 'out' / 'sp.model'
+  rc = tokenizer_lib.main(['--output', str(model), '--vocab_size', '350', '--source',
+                           'text_folder', '--text_dir', str(folder), '--cache_dir',
+                           str(tmp_path / 'cache')])
+  assert rc == 0 and load_tokenizer(str(model)).eos_id() == 1
+  assert tokenizer_lib.main(['--output', str(model), '--source', 'text_folder', '--text_dir',
+                             str(tmp_path / 'missing')]) == 2
+
+
+def test_tokenizer_errors(cache, tmp_path):
+  with pytest.raises(DataError, match=r"data.tokenizer='.*nope.model' does not exist"):
+    validate_data(_config(cache, tokenizer=str(tmp_path / 'nope.model')), process_count=1)
+  (tmp_path / 'junk.model').write_bytes(b'not a model')
+  with pytest.raises(DataError, match=r'junk.model.* is not a SentencePiece model'):
+    load_tokenizer(str(tmp_path / 'junk.model'))
+  c = _config(cache)
+  c.model.vocab_size = 1024
+  with pytest.raises(DataError, match=r'tokenizer_vocab_size=4096 is larger than model.vocab_size='
+                     r'1024'):
+    validate_data(c, process_count=1)
+  c.data.tokenizer = str(tokenizer_lib.default_tokenizer_path(_config(cache)))
+  get_tokenizer(_config(cache))  # Make sure the file exists.
+  with pytest.raises(DataError, match=r'has 4096 pieces but model.vocab_size=1024; set '
+                     r'model.vocab_size >= 4096'):
+    validate_data(c, process_count=1)
+  with pytest.raises(DataError, match=r'vocab_size=100 is too small'):
+    train_tokenizer(['a b c'], 100, tmp_path / 'small.model')
