@@ -4,8 +4,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
-import types
 
 from flax import nnx
 import jax
@@ -236,9 +234,8 @@ def _write_run(path, norm_type, seed, metrics, analysis):
 def test_run_cli_and_compare(tmp_path, monkeypatch):
   model = _perturbed(CFG)
   # The trainer's checkpoint module and the data pipeline are replaced by stand-ins.
-  fake_ckpt = types.ModuleType('gpas_jax.checkpoint')
-  fake_ckpt.load_model = lambda workdir, step=None: (None, model)
-  monkeypatch.setitem(sys.modules, 'gpas_jax.checkpoint', fake_ckpt)
+  from gpas_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(checkpoint, 'load_model', lambda workdir, step=None: (None, model))
   monkeypatch.setattr('gpas_jax.data.make_eval_batches',
                       lambda c: iter([{'input_ids': b, 'segment_ids': np.ones_like(b)}
                                       for b in (IDS, IDS[::-1].copy())]))
@@ -257,7 +254,6 @@ def test_run_cli_and_compare(tmp_path, monkeypatch):
   np.testing.assert_allclose(imp['importance'],
                              stats.layer_importance(model, [IDS, IDS[::-1].copy()]), rtol=1e-6)
   # A run without analysis records or a checkpoint still gets its loss curve.
-  monkeypatch.delitem(sys.modules, 'gpas_jax.checkpoint')
   monkeypatch.setattr('gpas_jax.analysis.cli.run_importance',
                       lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError('no ckpt')))
   assert [os.path.basename(p) for p in cli.analyze_run(b, str(tmp_path / 'out_b'))] == [
