@@ -1,7 +1,5 @@
 """Parity with the PyTorch baseline for all eleven norm types: logits, loss, every gradient."""
 
-import dataclasses
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -45,7 +43,7 @@ def _torch_side(ref, ids):
   loss = torch_ref.loss_fn(logits, ids_t)
   loss.backward()
   grads = {k: p.grad.detach().numpy().copy() for k, p in ref.named_parameters()}
-  return logits.detach().numpy(), float(loss), grads
+  return logits.detach().numpy(), loss.item(), grads
 
 
 def _jax_side(model, ids):
