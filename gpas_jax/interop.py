@@ -30,12 +30,8 @@ def _to_torch_layout(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _from_torch_layout(name: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  if name in _QKV:
+  if name in _QKV + ('o_proj', 'gate_proj', 'up_proj', 'down_proj'):
     return a.T.reshape(shape)
-  if name == 'o_proj':
-    return a.T.reshape(shape)
-  if name in ('gate_proj', 'up_proj', 'down_proj'):
-    return a.T
   return a
 
 

@@ -1,12 +1,14 @@
 """Test set-up: 8 fake CPU devices for the mesh tests."""
 
 import os
+import pathlib
 
 # Test programs are tiny and compiled once each: XLA:CPU's backend optimisations cost more
 # compile time than they save (about half of the suite's compile time). Set before jax starts.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
 
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.helpers import DATA_CACHE
@@ -18,3 +20,12 @@ jax.config.update('jax_num_cpu_devices', 8)
 # a persistent cache shared by the test workers turns repeats into cache hits.
 jax.config.update('jax_compilation_cache_dir', os.path.join(DATA_CACHE, 'xla_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(scope='session')
+def cache(tmp_path_factory) -> pathlib.Path:
+  """A build cache shared by the xdist workers (builds are locked, so they never race)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  return root / 'gpas_data_cache'

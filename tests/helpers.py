@@ -40,3 +40,13 @@ def tiny_train_config(**overrides):
       section = section[p]
     section[parts[-1]] = value
   return c
+
+
+def data_config(cache_dir, **data):
+  """The tiny config with its data cache in `cache_dir` and `data.<k>=v` overrides."""
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.data.cache_dir = str(cache_dir)
+  for k, v in data.items():
+    c.data[k] = v
+  return c

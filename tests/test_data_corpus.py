@@ -11,30 +11,13 @@ import socket
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import tiny
+from tests.helpers import data_config
 from gpas_jax.config import ConfigError
 from gpas_jax.data import builders
 from gpas_jax.data import corpus
 from gpas_jax.data import sources
 from gpas_jax.data import validate_data
 from gpas_jax.data.errors import DataError
-
-
-@pytest.fixture(scope='session')
-def cache(tmp_path_factory) -> pathlib.Path:
-  """A build cache shared by the xdist workers (builds are locked, so they never race)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent
-  return root / 'gpas_data_cache'
-
-
-def _config(cache_dir, **data):
-  c = tiny.get_config()
-  c.data.cache_dir = str(cache_dir)
-  for k, v in data.items():
-    c.data[k] = v
-  return c
 
 
 def _records_digest(ds_dir: pathlib.Path) -> dict[str, tuple[int, str]]:
@@ -92,7 +75,7 @@ def _write_folder(root: pathlib.Path, n: int = 40) -> pathlib.Path:
 
 def test_text_folder_builds_split_and_reads_by_name(cache, tmp_path):
   folder = _write_folder(tmp_path / 'texts')
-  c = _config(cache, source='text_folder', text_dir=str(folder), text_field='body',
+  c = data_config(cache, source='text_folder', text_dir=str(folder), text_field='body',
               validation_percent=10.0)
   validate_data(c, process_count=1)
   train = sources.open_split(c, 'train')
@@ -122,7 +105,7 @@ def test_gzipped_c4_files_split_by_file_name(cache, tmp_path):
     with gzip.open(folder / name, 'wt', encoding='utf-8') as f:
       for i in range(n):
         f.write(json.dumps({'text': f'{name.split(".")[0]} page {i}', 'url': 'u'}) + '\n')
-  c = _config(cache, source='text_folder', text_dir=str(folder), validation_glob='c4-validation.*')
+  c = data_config(cache, source='text_folder', text_dir=str(folder), validation_glob='c4-validation.*')
   val = sources.open_split(c, 'validation').source
   assert sorted(sources.record_text(val[i], 'text') for i in range(len(val))) == [
       f'c4-validation page {i}' for i in range(3)]
@@ -155,17 +138,17 @@ class FakeC4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def test_tfds_source_reads_prepared_dataset_and_reports_problems(cache, tmp_path):
   data_dir = tmp_path / 'tfds'
   FakeC4(config='en', data_dir=str(data_dir), file_format='array_record').download_and_prepare()
-  c = _config(cache, source='tfds', tfds_name='c4/en:3.1.0', data_dir=str(data_dir))
+  c = data_config(cache, source='tfds', tfds_name='c4/en:3.1.0', data_dir=str(data_dir))
   validate_data(c, process_count=1)
   split = sources.open_split(c, 'validation')
   assert sorted(sources.record_text(split.source[i], 'text') for i in range(20)) == sorted(
       f'web page 1 {i}' for i in range(20))
-  assert len(sources.open_split(_config(cache, source='tfds', tfds_name='c4/en',
+  assert len(sources.open_split(data_config(cache, source='tfds', tfds_name='c4/en',
                                         data_dir=str(data_dir)), 'train').source) == 20
   with pytest.raises(DataError, match=r"no split 'test'.*data.train_split"):
     sources.open_split(c, 'test')
   with pytest.raises(DataError, match=r"no feature 'content'.*data.text_field"):
-    sources.open_split(_config(cache, source='tfds', tfds_name='c4/en:3.1.0',
+    sources.open_split(data_config(cache, source='tfds', tfds_name='c4/en:3.1.0',
                                data_dir=str(data_dir), text_field='content'), 'train')
   # A copy prepared as TFRecord cannot be read without TensorFlow: say how to convert it.
   old = tmp_path / 'old'
@@ -174,23 +157,23 @@ def test_tfds_source_reads_prepared_dataset_and_reports_problems(cache, tmp_path
   info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
   with pytest.raises(DataError, match=r'holds tfrecord files.*tfds convert_format '
                      r'--dataset_version_dir=.*--out_file_format=array_record'):
-    sources.open_split(_config(cache, source='tfds', tfds_name='c4/en:3.1.0', data_dir=str(old)),
+    sources.open_split(data_config(cache, source='tfds', tfds_name='c4/en:3.1.0', data_dir=str(old)),
                        'train')
   missing = tmp_path / 'nowhere'
   with pytest.raises(ConfigError, match=f"data.data_dir='{missing}' does not exist.*tfds build"):
-    validate_data(_config(cache, source='tfds', data_dir=str(missing)), process_count=1)
+    validate_data(data_config(cache, source='tfds', data_dir=str(missing)), process_count=1)
   with pytest.raises(DataError, match=r"tfds_name='c4/en:9.9.9' is not prepared.*c4/en/3.1.0"):
-    validate_data(_config(cache, source='tfds', tfds_name='c4/en:9.9.9', data_dir=str(data_dir)),
+    validate_data(data_config(cache, source='tfds', tfds_name='c4/en:9.9.9', data_dir=str(data_dir)),
                   process_count=1)
   with pytest.raises(DataError, match=r"'wiki40b/en' is not prepared.*tfds build wiki40b/en"):
-    validate_data(_config(cache, source='tfds', tfds_name='wiki40b/en', data_dir=str(data_dir)),
+    validate_data(data_config(cache, source='tfds', tfds_name='wiki40b/en', data_dir=str(data_dir)),
                   process_count=1)
 
 
 def test_text_folder_errors_name_the_path(cache, tmp_path):
   def check(folder, pattern, **data):
     with pytest.raises(DataError, match=pattern):
-      c = _config(cache, source='text_folder', text_dir=str(folder), **data)
+      c = data_config(cache, source='text_folder', text_dir=str(folder), **data)
       validate_data(c, process_count=1)
       sources.open_split(c, 'train')
 

@@ -1,7 +1,6 @@
 """grain pipelines: layouts, resumable iterator state, host sharding, epochs, eval, bad config."""
 
 import json
-import os
 import pathlib
 
 import grain
@@ -17,15 +16,6 @@ from gpas_jax.data import make_train_iterator
 from gpas_jax.data import sources
 from gpas_jax.data import validate_data
 from gpas_jax.data.errors import DataError
-
-
-@pytest.fixture(scope='session')
-def cache(tmp_path_factory) -> pathlib.Path:
-  """A build cache shared by the xdist workers (builds are locked, so they never race)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent
-  return root / 'gpas_data_cache'
 
 
 @pytest.fixture(scope='module')

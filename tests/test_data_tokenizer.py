@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import tiny
+from tests.helpers import data_config
 from gpas_jax.data import get_tokenizer
 from gpas_jax.data import load_tokenizer
 from gpas_jax.data import sources
@@ -17,25 +17,8 @@ from gpas_jax.data import validate_data
 from gpas_jax.data.errors import DataError
 
 
-@pytest.fixture(scope='session')
-def cache(tmp_path_factory) -> pathlib.Path:
-  """A build cache shared by the xdist workers (builds are locked, so they never race)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent
-  return root / 'gpas_data_cache'
-
-
-def _config(cache_dir, **data):
-  c = tiny.get_config()
-  c.data.cache_dir = str(cache_dir)
-  for k, v in data.items():
-    c.data[k] = v
-  return c
-
-
 def test_default_tokenizer_is_cached_t5_shaped_and_lossless(cache):
-  c = _config(cache)
+  c = data_config(cache)
   sp = get_tokenizer(c)
   path = tokenizer_lib.default_tokenizer_path(c)
   assert path.exists() and f'-{c.data.tokenizer_vocab_size}.model' in path.name
@@ -88,17 +71,17 @@ def test_cli_help_and_training_on_a_text_folder(tmp_path):
 
 def test_tokenizer_errors(cache, tmp_path):
   with pytest.raises(DataError, match=r"data.tokenizer='.*nope.model' does not exist"):
-    validate_data(_config(cache, tokenizer=str(tmp_path / 'nope.model')), process_count=1)
+    validate_data(data_config(cache, tokenizer=str(tmp_path / 'nope.model')), process_count=1)
   (tmp_path / 'junk.model').write_bytes(b'not a model')
   with pytest.raises(DataError, match=r'junk.model.* is not a SentencePiece model'):
     load_tokenizer(str(tmp_path / 'junk.model'))
-  c = _config(cache)
+  c = data_config(cache)
   c.model.vocab_size = 1024
   with pytest.raises(DataError, match=r'tokenizer_vocab_size=4096 is larger than model.vocab_size='
                      r'1024'):
     validate_data(c, process_count=1)
-  c.data.tokenizer = str(tokenizer_lib.default_tokenizer_path(_config(cache)))
-  get_tokenizer(_config(cache))  # Make sure the file exists.
+  c.data.tokenizer = str(tokenizer_lib.default_tokenizer_path(data_config(cache)))
+  get_tokenizer(data_config(cache))  # Make sure the file exists.
   with pytest.raises(DataError, match=r'has 4096 pieces but model.vocab_size=1024; set '
                      r'model.vocab_size >= 4096'):
     validate_data(c, process_count=1)
