@@ -30,7 +30,8 @@ def test_cpu_study_commands(tmp_path):
     f = _flags(argv)
     nt, seed = f['--config.model.norm_type'], int(f['--config.seed'])
     assert argv[5] == os.path.join(root, 'tiny', nt, f'seed{seed}')
-    assert f['--config.num_train_steps'] == '300' and len(f) == 3
+    assert f['--config.num_train_steps'] == '300' and f['--config.analysis.every_steps'] == '50'
+    assert len(f) == 6  # norm_type, seed, and the sweep's four overrides
     seen.add((nt, seed))
   assert seen == {(n, s) for n in ('pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns',
                                    'lns_gpas') for s in (0, 1, 2)}
@@ -73,5 +74,7 @@ def test_run_sweep_runs_each_command(tmp_path):
   failed = sweep.run_sweep(runs, sys.executable, str(script))
   assert [r.seed for r in failed] == [1]
   argv = json.loads((tmp_path / 'r' / 'tiny' / 'pre' / 'seed0' / 'argv.json').read_text())
-  assert argv[-4:] == ['--config.model.norm_type=pre', '--config.seed=0',
-                       '--config.num_train_steps=300', '--config.optim.lr=0.01']
+  assert argv[-7:] == ['--config.model.norm_type=pre', '--config.seed=0',
+                       '--config.analysis.every_steps=50', '--config.checkpoint_every_steps=300',
+                       '--config.eval_every_steps=100', '--config.num_train_steps=300',
+                       '--config.optim.lr=0.01']
