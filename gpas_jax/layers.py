@@ -71,14 +71,14 @@ def attention_blocks(seq_len: int) -> int:
   return max(1, min(4, seq_len // 64))
 
 
-def _masked_softmax_attention(q_BxQxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
+def _masked_softmax_attention(q_BxHxQxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
                               mask, scale: float) -> jax.Array:
-  """softmax(q k^T * scale, masked) v in (at least) fp32 logits."""
-  scores_BxHxQxS = jnp.einsum('bqhk,bshk->bhqs', q_BxQxHxK, k_BxSxHxK) * scale
+  """softmax(q k^T * scale, masked) v, with the logits in (at least) fp32: [B, H, Q, K]."""
+  scores_BxHxQxS = jnp.einsum('bhqk,bhsk->bhqs', q_BxHxQxK, k_BxHxSxK) * scale
   scores32 = scores_BxHxQxS.astype(jnp.promote_types(scores_BxHxQxS.dtype, jnp.float32))
   scores32 = jnp.where(mask, scores32, jnp.finfo(scores32.dtype).min)
-  probs = jax.nn.softmax(scores32, axis=-1).astype(q_BxQxHxK.dtype)
-  return jnp.einsum('bhqs,bshk->bqhk', probs, v_BxSxHxK)
+  probs = jax.nn.softmax(scores32, axis=-1).astype(q_BxHxQxK.dtype)
+  return jnp.einsum('bhqs,bhsk->bhqk', probs, v_BxHxSxK)
 
 
 def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
@@ -89,13 +89,16 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
   impl:
     'xla'          einsum attention in `blocks` causal query blocks (default attention_blocks(T)):
                    block i attends to keys [0, end of block i) only, skipping the masked upper
-                   blocks (4 blocks: 5/8 of the full square's work). The default; on CPU ~5%
-                   faster per train step than the full square at T = 256.
+                   blocks (4 blocks: 5/8 of the full square's work). The default: on the 2-core
+                   CPU benchmark 3-8% faster per train step than the full square at T = 256.
     'einsum'       the full T x T square, masked: the reference form.
-    'dot_product'  jax.nn.dot_product_attention(implementation='xla').
+    'dot_product'  jax.nn.dot_product_attention(implementation='xla') (its softmax is always
+                   float32, also for float64 inputs).
     'cudnn'        jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention
                    on NVIDIA GPUs (bf16/fp16 only; it fails elsewhere).
-  All compute the same function (tests/test_layers.py checks it).
+  All compute the same function (tests/test_layers.py checks it). 'xla' and 'einsum' work in a
+  head-major [B, H, T, K] layout (one transpose in, one out: cheaper on CPU than the transposes
+  XLA adds around each block's batched matmul otherwise).
   """
   t, head_dim = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
   if impl in ('cudnn', 'dot_product'):
@@ -112,6 +115,7 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
     blocks = 1
   elif blocks is None:
     blocks = attention_blocks(t)
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))  # [B, H, T, K]
   bounds = [round(i * t / blocks) for i in range(blocks + 1)]
   outs = []
   for start, end in zip(bounds[:-1], bounds[1:]):
@@ -120,9 +124,10 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
     if segment_ids_BxT is not None:
       seg_q, seg_k = segment_ids_BxT[:, start:end], segment_ids_BxT[:, :end]
       mask = mask & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
-    outs.append(_masked_softmax_attention(q_BxTxHxK[:, start:end], k_BxTxHxK[:, :end],
-                                          v_BxTxHxK[:, :end], mask, scale))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    outs.append(_masked_softmax_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                                          mask, scale))
+  out_BxHxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return jnp.swapaxes(out_BxHxTxK, 1, 2)
 
 
 class Attention(nnx.Module):
