@@ -99,7 +99,7 @@ def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
   dtype = config.model.compute_dtype
   peak = metrics_lib.peak_flops(kind, dtype)
   if peak is None and jax.devices()[0].platform == 'cpu':
-    peak = metrics_lib.measure_cpu_peak_flops(dtype='float32', n=512, repeats=3)
+    peak = metrics_lib.measure_cpu_peak_flops(dtype='float32', n=1024, repeats=3)
   return peak
 
 
