@@ -50,3 +50,18 @@ def data_config(cache_dir, **data):
   for k, v in data.items():
     c.data[k] = v
   return c
+
+
+def perturbed_state_dict(cfg, seed=0):
+  """Baseline weights (PyTorch reference init) with nonzero gates and perturbed gains."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tests import torch_ref  # pylint: disable=import-outside-toplevel
+  ref = torch_ref.RefModel(torch_ref.RefConfig(
+      cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+      cfg.norm_type, cfg.post_num), seed)
+  sd = torch_ref.state_dict_numpy(ref)
+  rng = np.random.default_rng(seed)
+  for k, v in sd.items():
+    if k.endswith('gate') or 'norm' in k:
+      sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(v.dtype)
+  return sd

@@ -20,6 +20,7 @@ from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import stats
 from tests import torch_ref
+from tests.helpers import perturbed_state_dict
 
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
                             num_heads=2, norm_type='pre_gpas', post_num=1, scan_layers=False)
@@ -32,21 +33,8 @@ def _ref_config(cfg):
                              cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
 
 
-def _perturbed_sd(cfg, seed=0):
-  """Baseline weights with nonzero gates and perturbed gains, so that every path matters.
-
-  Initialised by the PyTorch reference: much faster than an eager JAX init on a busy CPU.
-  """
-  sd = torch_ref.state_dict_numpy(torch_ref.RefModel(_ref_config(cfg), seed))
-  rng = np.random.default_rng(seed)
-  for k, v in sd.items():
-    if k.endswith('gate') or 'norm' in k:
-      sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(v.dtype)
-  return sd
-
-
 def _perturbed(cfg, seed=0):
-  return interop.from_torch_state_dict(_perturbed_sd(cfg, seed), cfg)
+  return interop.from_torch_state_dict(perturbed_state_dict(cfg, seed), cfg)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -95,7 +83,7 @@ def test_activation_variance_at_layer0_is_the_embedding_variance():
 @pytest.mark.parametrize('norm_type,scan', [('post_pre_gpas', True), ('pre', False)])
 def test_training_stats_record(norm_type, scan):
   cfg = dataclasses.replace(CFG, norm_type=norm_type, scan_layers=scan)
-  sd = _perturbed_sd(cfg)
+  sd = perturbed_state_dict(cfg)
   model = interop.from_torch_state_dict(sd, cfg)
   grads, grads_sd = _grads(cfg, sd)
   record = stats.training_stats(model, grads, IDS, step=7)

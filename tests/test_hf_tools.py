@@ -14,6 +14,7 @@ from gpas_jax import hf_tools
 from gpas_jax import interop
 from gpas_jax import model as model_lib
 from tests import torch_ref
+from tests.helpers import perturbed_state_dict
 
 torch.set_num_threads(1)
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
@@ -27,18 +28,8 @@ def _ref(cfg):
       cfg.norm_type, cfg.post_num))
 
 
-def _perturbed_sd(cfg, seed=0):
-  """Baseline weights with nonzero gates and gains off 1, so that every path matters."""
-  sd = torch_ref.state_dict_numpy(_ref(cfg))
-  rng = np.random.default_rng(seed)
-  for k, v in sd.items():
-    if k.endswith('gate') or 'norm' in k:
-      sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(np.float32)
-  return sd
-
-
 def _model(cfg, seed=0):
-  return interop.from_torch_state_dict(_perturbed_sd(cfg, seed), cfg)
+  return interop.from_torch_state_dict(perturbed_state_dict(cfg, seed), cfg)
 
 
 @pytest.mark.parametrize('norm_type,scan', [('pre_gpas', True), ('post_pre_gpas', False)])
@@ -61,7 +52,7 @@ def test_export_import_is_exact_and_loads_into_the_torch_reference(tmp_path, nor
 
 
 def test_export_run_and_evaluate_hf_directory(tmp_path, monkeypatch):
-  sd = _perturbed_sd(CFG)
+  sd = perturbed_state_dict(CFG)
   model = interop.from_torch_state_dict(sd, CFG)
   config = ml_collections.ConfigDict({
       'size_name': 'tiny', 'seed': 3,
