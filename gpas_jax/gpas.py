@@ -24,6 +24,11 @@ GATE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def forward_scale(g: jax.Array, act: str = 'silu') -> jax.Array:
+  """The factor 1 - act(g) by which the forward pass scales the stream."""
+  return 1 - GATE_ACTIVATIONS[act](g)
+
+
 def gpas(x: jax.Array, g: jax.Array, act: str = 'silu', stop_gradient: bool = True) -> jax.Array:
   """Scales x by 1 - act(g) in the forward pass; the gradient to x passes unchanged."""
   scale = GATE_ACTIVATIONS[act](g).astype(x.dtype)
@@ -54,4 +59,4 @@ class GPAS(nnx.Module):
 
   def scale(self) -> jax.Array:
     """The forward scale 1 - act(g) of each gate."""
-    return 1 - GATE_ACTIVATIONS[self.act](self.gate[...])
+    return forward_scale(self.gate[...], self.act)

@@ -133,46 +133,41 @@ def make_train_step(s: Setup) -> Callable:
                'finite': finite, 'tokens': count}
     return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
 
-  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  batch_sh = {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
-  jitted = jax.jit(step_fn, in_shardings=(s.state_shardings, batch_sh),
-                   out_shardings=(s.state_shardings, replicated), donate_argnums=(0,))
-
-  def run(state, batch):
-    with sharding.use_mesh(s.mesh, s.rules):
-      return jitted(state, batch)
-
-  run.jitted = jitted
-  return run
+  return _jit_in_mesh(s, step_fn, (s.state_shardings, _batch_shardings(s)),
+                      (s.state_shardings, _replicated(s)), donate_argnums=(0,))
 
 
 def make_eval_step(s: Setup) -> Callable:
   """The jitted eval step: (token-mean loss, counted targets) of one batch."""
-  loss_fn = _loss_fn(s)
-  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  batch_sh = {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
-  jitted = jax.jit(loss_fn, in_shardings=(s.state_shardings['params'], batch_sh),
-                   out_shardings=replicated)
-
-  def run(params, batch):
-    with sharding.use_mesh(s.mesh, s.rules):
-      return jitted(params, batch)
-
-  return run
+  return _jit_in_mesh(s, _loss_fn(s), (s.state_shardings['params'], _batch_shardings(s)),
+                      _replicated(s))
 
 
 def make_grad_step(s: Setup) -> Callable:
   """The jitted gradient of one batch's loss (the per-layer analyses use it)."""
   loss_fn = _loss_fn(s)
-  batch_sh = {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
-  jitted = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]),
-                   in_shardings=(s.state_shardings['params'], batch_sh),
-                   out_shardings=s.state_shardings['params'])
+  return _jit_in_mesh(s, jax.grad(lambda p, b: loss_fn(p, b)[0]),
+                      (s.state_shardings['params'], _batch_shardings(s)),
+                      s.state_shardings['params'])
 
-  def run(params, batch):
+
+def _replicated(s: Setup) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+
+
+def _batch_shardings(s: Setup) -> dict[str, jax.sharding.NamedSharding]:
+  return {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
+
+
+def _jit_in_mesh(s: Setup, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
+  """jax.jit with explicit shardings, called under the mesh and the logical rules."""
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+  def run(*args):
     with sharding.use_mesh(s.mesh, s.rules):
-      return jitted(params, batch)
+      return jitted(*args)
 
+  run.jitted = jitted
   return run
 
 

@@ -20,7 +20,7 @@ from gpas_jax import data as data_lib
 from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
 from gpas_jax import steps
-from gpas_jax.gpas import GATE_ACTIVATIONS
+from gpas_jax.gpas import forward_scale
 
 
 class NonFiniteError(FloatingPointError):
@@ -60,7 +60,7 @@ def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
   if gates is None:
     return {}
   g_L = np.asarray(jax.device_get(gates), np.float32).reshape(gates.shape[0], -1)
-  scale_L = 1 - np.asarray(GATE_ACTIVATIONS[s.model_config.gate_act](jnp.asarray(g_L)))
+  scale_L = np.asarray(forward_scale(jnp.asarray(g_L), s.model_config.gate_act))
   out = {}
   for i in range(g_L.shape[0]):
     for j in range(g_L.shape[1]):

@@ -67,7 +67,7 @@ def _gates_and_scales(model: model_lib.Transformer) -> tuple[jax.Array | None, j
   gates = model_lib.gate_values(model)
   if gates is None:
     return None, None
-  return gates, 1 - gpas_lib.GATE_ACTIVATIONS[model.config.gate_act](gates)
+  return gates, gpas_lib.forward_scale(gates, model.config.gate_act)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
