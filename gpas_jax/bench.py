@@ -142,7 +142,7 @@ def torch_worker(spec: TorchSpec) -> None:
   """The worker loop: build, warm (and compile), then one timed step per 'step' line on stdin."""
   sys.path.insert(0, _REPO_ROOT)
   import torch  # pylint: disable=import-outside-toplevel
-  from tests import torch_ref  # pylint: disable=import-outside-toplevel
+  from gpas_jax import torch_ref  # pylint: disable=import-outside-toplevel
   out = sys.stdout
   if spec.threads:
     torch.set_num_threads(spec.threads)

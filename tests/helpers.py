@@ -55,7 +55,7 @@ def data_config(cache_dir, **data):
 def perturbed_state_dict(cfg, seed=0):
   """Baseline weights (PyTorch reference init) with nonzero gates and perturbed gains."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from tests import torch_ref  # pylint: disable=import-outside-toplevel
+  from gpas_jax import torch_ref  # pylint: disable=import-outside-toplevel
   ref = torch_ref.RefModel(torch_ref.RefConfig(
       cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
       cfg.norm_type, cfg.post_num), seed)

@@ -19,7 +19,7 @@ from gpas_jax.analysis import compare
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import stats
-from tests import torch_ref
+from gpas_jax import torch_ref
 from tests.helpers import perturbed_state_dict
 
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,

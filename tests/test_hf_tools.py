@@ -13,7 +13,7 @@ import torch
 from gpas_jax import hf_tools
 from gpas_jax import interop
 from gpas_jax import model as model_lib
-from tests import torch_ref
+from gpas_jax import torch_ref
 from tests.helpers import perturbed_state_dict
 
 torch.set_num_threads(1)

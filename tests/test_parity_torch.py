@@ -9,7 +9,7 @@ import torch
 
 from gpas_jax import interop
 from gpas_jax import model as model_lib
-from tests import torch_ref
+from gpas_jax import torch_ref
 
 torch.set_num_threads(1)
 NORM_TYPES = model_lib.blocks.FORMS.keys() | {'post_pre', 'post_pre_gpas'}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests import torch_ref as ref
+from gpas_jax import torch_ref as ref
 
 # Tiny tensors under `pytest -n 2` on 2 cores: intra-op threads only oversubscribe.
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch
 
 from gpas_jax import interop
 from gpas_jax import steps
-from tests import torch_ref
+from gpas_jax import torch_ref
 from tests.helpers import tiny_train_config
 
 torch.set_num_threads(1)

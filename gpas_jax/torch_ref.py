@@ -1,4 +1,7 @@
-"""Independent PyTorch reference of the GPAS baseline (HF-LLaMA style), written from GPAS.md."""
+"""The PyTorch port of the GPAS baseline (HF-LLaMA style), written from its code: parity tests and compare_torch.
+
+An optional part of the package: it needs `pip install torch==2.13.0` (the `torch` extra).
+"""
 
 from __future__ import annotations
 
