@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the default config: a 71m-shaped Pre+GPAS model with the paper's recipe."""
   c = ml_collections.ConfigDict()
   c.size_name = '71m'  # Which row of the results table a run belongs to.
+  c.paper_recipe = ''  # Set by configs/llama_<size>.py: the paper's data and tokenizer required.
   c.seed = 0
   c.num_train_steps = 10_000
   c.log_every_steps = 50
@@ -18,6 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_async = True
   # What to do when the loss or a gradient is not finite: 'stop' or 'skip' (the update).
   c.nan_policy = 'stop'
+  # One switch to compute what the PyTorch baseline computes (gpas_jax/config.py:FAITHFUL lists
+  # the fields it sets): torch's clipping and Adam arithmetic op by op, cross-entropy on the
+  # compute-dtype logits, attention logits kept in float32 (torch's SDPA), N+1 updates. The
+  # dtypes stay as set: the release trains in pure bf16 (model.param_dtype=compute_dtype=bfloat16).
+  c.baseline_faithful = False
+  # A PyTorch/HF checkpoint in the baseline's names (.bin, .safetensors, or a directory holding
+  # one) to start from; used only while the workdir holds no checkpoint of its own.
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -46,10 +55,22 @@ def get_config() -> ml_collections.ConfigDict:
   # 'xla': einsum in causal query blocks (default) | 'einsum': full masked square |
   # 'dot_product': jax.nn.dot_product_attention(implementation='xla') | 'cudnn': its cuDNN kernel.
   m.attention_impl = 'xla'
+  # 'compute': q.k^T rounded to the compute dtype before the float32 softmax | 'float32': kept in
+  # float32, as torch's SDPA does with bf16 inputs.
+  m.attention_logits_dtype = 'compute'
+  # 'float32': cross-entropy on float32 logits | 'compute': on the compute-dtype logits, as the
+  # baseline's F.cross_entropy on its bf16 logits (log-probabilities rounded to bf16).
+  m.loss_dtype = 'float32'
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = 'embedded'  # 'embedded' | 'tfds' | 'text_folder'
+  d.source = 'embedded'  # 'embedded' | 'tfds' | 'text_folder' | 'tokens'
+  # data.source='tokens': pre-tokenized rows, read in order (update u trains on rows [u*B, (u+1)*B)).
+  # A .npy integer array [rows, max_length] padded with pad_id, or (layout 'packed') a flat
+  # token stream .bin of tokens_dtype. eval_tokens_path: the same for eval ('' skips eval).
+  d.tokens_path = ''
+  d.eval_tokens_path = ''
+  d.tokens_dtype = 'uint16'  # of a flat .bin stream: 'uint16' | 'uint32'
   d.tfds_name = 'c4/en:3.1.0'
   d.data_dir = ''
   d.text_dir = ''
@@ -86,6 +107,13 @@ def get_config() -> ml_collections.ConfigDict:
   o.grad_clip = 0.0  # Global-norm clip over all parameters; 0 disables.
   o.gate_clip = 0.0  # Joint norm clip over all gates, after the global clip; 0 disables.
   o.state_dtype = ''  # Adam moments' dtype; '' follows model.param_dtype.
+  # 'optax': optax's clipping and Adam | 'torch': torch's op-by-op arithmetic (each op in float32,
+  # rounded once to the storage dtype): bit-identical bf16 updates to torch.optim.Adam.
+  o.arithmetic = 'optax'
+  # The objective of one update: the mean of loss_chunks per-chunk token means, chunk k being
+  # rows [k*b, (k+1)*b) of the global batch (b = batch / loss_chunks); 1 = one token mean. The
+  # baseline's chunks are its GPUs x accumulation steps. micro_batches (memory) never changes it.
+  o.loss_chunks = 1
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # One of data/fsdp/tensor may be -1: the rest of the devices.
@@ -136,6 +164,14 @@ def with_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.Confi
   c.optim.global_batch_size = r['batch']
   c.optim.grad_clip = r['grad_clip']
   c.optim.gate_clip = r['gate_clip']
+  c.optim.loss_chunks = r['loss_chunks']
   c.data.max_length = 256
+  # The baseline evaluates per-device batches of its per-GPU training batch size.
+  c.data.eval_batch_size = r['batch'] // r['loss_chunks']
   c.model.remat_policy = r.get('remat', 'none')
+  # The paper trains on C4 with the T5 tokenizer: a paper size needs its data flags (data.data_dir
+  # and data.tokenizer, or data.source='tokens') instead of silently using the embedded corpus.
+  c.data.source = 'tfds'
+  c.data.tfds_name = 'c4/en:3.1.0'
+  c.paper_recipe = name
   return c

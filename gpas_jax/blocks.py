@@ -44,7 +44,8 @@ class DecoderBlock(nnx.Module):
       attn_kw = dict(qk_std=layers.xavier_std(d, d, 1.0), vo_std=layers.xavier_std(d, d, beta))
       mlp_std = layers.xavier_std(d, f, beta)
     self.self_attn = layers.Attention(d, cfg.num_heads, rngs, std=std, param_dtype=pd,
-                                      compute_dtype=cd, impl=cfg.attention_impl, **attn_kw)
+                                      compute_dtype=cd, impl=cfg.attention_impl,
+                                      logits_f32=cfg.attention_logits_dtype == 'float32', **attn_kw)
     self.mlp = layers.MLP(d, f, rngs, std=mlp_std, param_dtype=pd, compute_dtype=cd)
 
     lns = cfg.norm_type in ('lns', 'lns_gpas')

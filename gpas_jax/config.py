@@ -15,7 +15,7 @@ DTYPES = ('float32', 'bfloat16', 'float64', 'float16')
 ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')  # see layers.causal_attention
 OPTIMIZERS = ('adam', 'adamw')
 NAN_POLICIES = ('stop', 'skip')
-DATA_SOURCES = ('embedded', 'tfds', 'text_folder')
+DATA_SOURCES = ('embedded', 'tfds', 'text_folder', 'tokens')
 LAYOUTS = ('padded', 'packed')
 
 # name: (hidden, ffn, layers, heads, vocab), read from the baseline's JSON configs.
@@ -36,15 +36,65 @@ SIZES = {
 }
 
 # The paper's recipe (GPAS.md section 4); batch is the global batch in sequences of 256 tokens.
+# loss_chunks: the baseline's GPUs x accumulation steps, each a token mean of batch/loss_chunks
+# sequences (its per-GPU batch).
 RECIPES = {
-    '71m': dict(lr=1e-3, steps=10_000, warmup=1_000, batch=512, grad_clip=0.0, gate_clip=0.0),
-    '130m': dict(lr=1e-3, steps=20_000, warmup=2_000, batch=512, grad_clip=0.0, gate_clip=0.0),
-    '250m': dict(lr=1e-3, steps=40_000, warmup=4_000, batch=512, grad_clip=0.0, gate_clip=0.0),
-    '350m': dict(lr=5e-4, steps=60_000, warmup=6_000, batch=512, grad_clip=0.0, gate_clip=0.0),
-    '1b': dict(lr=5e-4, steps=100_000, warmup=10_000, batch=512, grad_clip=0.0, gate_clip=0.0),
+    '71m': dict(lr=1e-3, steps=10_000, warmup=1_000, batch=512, grad_clip=0.0, gate_clip=0.0,
+                loss_chunks=2),
+    '130m': dict(lr=1e-3, steps=20_000, warmup=2_000, batch=512, grad_clip=0.0, gate_clip=0.0,
+                 loss_chunks=2),
+    '250m': dict(lr=1e-3, steps=40_000, warmup=4_000, batch=512, grad_clip=0.0, gate_clip=0.0,
+                 loss_chunks=4),
+    '350m': dict(lr=5e-4, steps=60_000, warmup=6_000, batch=512, grad_clip=0.0, gate_clip=0.0,
+                 loss_chunks=4),
+    '1b': dict(lr=5e-4, steps=100_000, warmup=10_000, batch=512, grad_clip=0.0, gate_clip=0.0,
+               loss_chunks=16),
     '7b': dict(lr=3e-4, steps=150_000, warmup=10_000, batch=2048, grad_clip=1.0, gate_clip=0.01,
-               remat='full'),
+               loss_chunks=512, remat='full'),
 }
+
+# What config.baseline_faithful sets, each field also settable on its own.
+FAITHFUL = {
+    'optim.arithmetic': 'torch',
+    'optim.baseline_last_step': True,
+    'model.loss_dtype': 'compute',
+    'model.attention_logits_dtype': 'float32',
+}
+# Defaults of fields newer than some saved config.json files.
+_DEFAULTS = {
+    'optim.arithmetic': 'optax',
+    'optim.baseline_last_step': False,
+    'optim.loss_chunks': 1,
+    'model.loss_dtype': 'float32',
+    'model.attention_logits_dtype': 'compute',
+}
+ARITHMETICS = ('optax', 'torch')
+LOSS_DTYPES = ('float32', 'compute')
+ATTENTION_LOGITS_DTYPES = ('compute', 'float32')
+TOKENS_DTYPES = ('uint16', 'uint32')
+
+
+def effective(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of 'section.field' a run uses: FAITHFUL's under baseline_faithful, else the field."""
+  if config.get('baseline_faithful', False) and key in FAITHFUL:
+    return FAITHFUL[key]
+  section, field = key.split('.')
+  return config[section].get(field, _DEFAULTS.get(key))
+
+
+def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.model with baseline_faithful's model fields applied (a copy)."""
+  m = ml_collections.ConfigDict(config.model.to_dict())
+  for key in FAITHFUL:
+    section, field = key.split('.')
+    if section == 'model':
+      m[field] = effective(config, key)
+  return m
+
+
+def total_updates(config: ml_collections.ConfigDict) -> int:
+  """Updates a run performs: num_train_steps, plus the baseline's extra last one (N + 1)."""
+  return config.num_train_steps + (1 if effective(config, 'optim.baseline_last_step') else 0)
 
 
 class ConfigError(ValueError):
@@ -70,6 +120,8 @@ def validate_model(m: ml_collections.ConfigDict, pad_id: int = 0, eos_id: int = 
   _choice(m.param_dtype, 'model.param_dtype', DTYPES)
   _choice(m.compute_dtype, 'model.compute_dtype', DTYPES)
   _choice(m.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
+  _choice(getattr(m, 'attention_logits_dtype', 'compute'), 'model.attention_logits_dtype',
+          ATTENTION_LOGITS_DTYPES)
   for f in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads'):
     _positive(m[f], f'model.{f}')
   if m.hidden_size % m.num_heads:
@@ -101,6 +153,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.nan_policy, 'nan_policy', NAN_POLICIES)
   _choice(c.data.source, 'data.source', DATA_SOURCES)
   _choice(c.data.layout, 'data.layout', LAYOUTS)
+  _choice(c.optim.get('arithmetic', 'optax'), 'optim.arithmetic', ARITHMETICS)
+  _choice(c.model.get('loss_dtype', 'float32'), 'model.loss_dtype', LOSS_DTYPES)
+  _choice(c.data.get('tokens_dtype', 'uint16'), 'data.tokens_dtype', TOKENS_DTYPES)
+  chunks = c.optim.get('loss_chunks', 1)
+  _positive(chunks, 'optim.loss_chunks')
+  if c.optim.global_batch_size % chunks:
+    raise ConfigError(
+        f'optim.loss_chunks={chunks} does not divide optim.global_batch_size='
+        f'{c.optim.global_batch_size}; each chunk is a token mean over batch / loss_chunks rows.')
+  if c.get('paper_recipe') and c.data.source == 'embedded':
+    raise ConfigError(
+        f'this is the paper\'s {c.paper_recipe} recipe, which trains on C4 with the T5 tokenizer, '
+        'but data.source=embedded (the small local corpus). Give the data: '
+        '--config.data.source=tfds --config.data.data_dir=DIR --config.data.tokenizer=T5.model '
+        '(or --config.data.source=tokens --config.data.tokens_path=ROWS.npy); or train this '
+        "size on the embedded corpus on purpose with --config.paper_recipe=''.")
   if c.optim.state_dtype:
     _choice(c.optim.state_dtype, 'optim.state_dtype', DTYPES)
   for f in ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):

@@ -48,9 +48,14 @@ class RMSNorm(nnx.Module):
 
 def rope_tables(seq_len: int, head_dim: int, theta: float,
                 dtype: jnp.dtype) -> tuple[np.ndarray, np.ndarray]:
-  """cos and sin [T, K] for the 'rotate half' convention, built as constants."""
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-  freqs_TxK2 = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)
+  """cos and sin [T, K] for the 'rotate half' convention, built as constants.
+
+  Computed as HF LLaMA does, in float32 (float64 for float64 models), then cast to `dtype`:
+  the baseline's bf16 tables are its float32 tables rounded by `model.to(bfloat16)`.
+  """
+  ct = np.promote_types(np.dtype(dtype), np.float32)
+  inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2).astype(ct) / ct.type(head_dim)))).astype(ct)
+  freqs_TxK2 = np.outer(np.arange(seq_len).astype(ct), inv_freq).astype(ct)
   emb_TxK = np.concatenate([freqs_TxK2, freqs_TxK2], axis=-1)
   return np.cos(emb_TxK).astype(dtype), np.sin(emb_TxK).astype(dtype)
 
@@ -72,9 +77,15 @@ def attention_blocks(seq_len: int) -> int:
 
 
 def _masked_softmax_attention(q_BxHxQxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
-                              mask, scale: float) -> jax.Array:
-  """softmax(q k^T * scale, masked) v, with the logits in (at least) fp32: [B, H, Q, K]."""
-  scores_BxHxQxS = jnp.einsum('bhqk,bhsk->bhqs', q_BxHxQxK, k_BxHxSxK) * scale
+                              mask, scale: float, logits_f32: bool = False) -> jax.Array:
+  """softmax(q k^T * scale, masked) v, with the softmax in (at least) fp32: [B, H, Q, K].
+
+  logits_f32: q k^T accumulated into and kept in float32 (torch's SDPA on bf16 inputs) instead
+  of rounded to the inputs' dtype.
+  """
+  out_type = jnp.promote_types(q_BxHxQxK.dtype, jnp.float32) if logits_f32 else None
+  scores_BxHxQxS = jnp.einsum('bhqk,bhsk->bhqs', q_BxHxQxK, k_BxHxSxK,
+                              preferred_element_type=out_type) * scale
   scores32 = scores_BxHxQxS.astype(jnp.promote_types(scores_BxHxQxS.dtype, jnp.float32))
   scores32 = jnp.where(mask, scores32, jnp.finfo(scores32.dtype).min)
   probs = jax.nn.softmax(scores32, axis=-1).astype(q_BxHxQxK.dtype)
@@ -83,7 +94,7 @@ def _masked_softmax_attention(q_BxHxQxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHx
 
 def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
                      segment_ids_BxT: jax.Array | None, impl: str = 'xla',
-                     blocks: int | None = None) -> jax.Array:
+                     blocks: int | None = None, logits_f32: bool = False) -> jax.Array:
   """Causal softmax attention; with segment ids, tokens attend within their own segment only.
 
   impl:
@@ -96,7 +107,8 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
                    float32, also for float64 inputs).
     'cudnn'        jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention
                    on NVIDIA GPUs (bf16/fp16 only; it fails elsewhere).
-  All compute the same function (tests/test_layers.py checks it). 'xla' and 'einsum' work in a
+  All compute the same function (tests/test_layers.py checks it). logits_f32 ('xla', 'einsum'):
+  keep q k^T in float32 (see _masked_softmax_attention). 'xla' and 'einsum' work in a
   head-major [B, H, T, K] layout (one transpose in, one out: cheaper on CPU than the transposes
   XLA adds around each block's batched matmul otherwise).
   """
@@ -125,7 +137,7 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
       seg_q, seg_k = segment_ids_BxT[:, start:end], segment_ids_BxT[:, :end]
       mask = mask & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
     outs.append(_masked_softmax_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                          mask, scale))
+                                          mask, scale, logits_f32))
   out_BxHxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
   return jnp.swapaxes(out_BxHxTxK, 1, 2)
 
@@ -136,9 +148,9 @@ class Attention(nnx.Module):
   def __init__(self, hidden: int, heads: int, rngs: nnx.Rngs, *, std: float = 0.02,
                qk_std: float | None = None, vo_std: float | None = None,
                param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32,
-               impl: str = 'xla'):
+               impl: str = 'xla', logits_f32: bool = False):
     self.heads, self.head_dim = heads, hidden // heads
-    self.compute_dtype, self.impl = compute_dtype, impl
+    self.compute_dtype, self.impl, self.logits_f32 = compute_dtype, impl, logits_f32
     qk_std = std if qk_std is None else qk_std
     vo_std = std if vo_std is None else vo_std
     hk = (hidden, heads, self.head_dim)
@@ -163,7 +175,8 @@ class Attention(nnx.Module):
     k = apply_rope(project(self.k_proj), cos, sin)
     v = project(self.v_proj)
     q = sharding.constrain(q, ('batch', 'act_length', 'act_heads', 'act_kv'))
-    out_BxTxHxK = causal_attention(q, k, v, segment_ids_BxT, self.impl)
+    out_BxTxHxK = causal_attention(q, k, v, segment_ids_BxT, self.impl,
+                                   logits_f32=self.logits_f32)
     return out_BxTxHxK.reshape(n, -1) @ self.o_proj[...].astype(cd).reshape(-1, d)
 
 

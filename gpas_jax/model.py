@@ -44,6 +44,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   compute_dtype: str = 'float32'
   attention_impl: str = 'xla'
+  attention_logits_dtype: str = 'compute'
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'ModelConfig':
@@ -194,16 +195,45 @@ def target_weights(input_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None =
 
 
 def lm_loss(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array,
-            segment_ids_BxT: jax.Array | None = None,
-            pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token cross-entropy over counted targets, and the count of those targets."""
+            segment_ids_BxT: jax.Array | None = None, pad_id: int = 0,
+            weights_BxT: jax.Array | None = None,
+            loss_dtype: str = 'float32') -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy and the count of counted targets.
+
+  Without weights: the mean over counted targets. With weights (per position, zero where a
+  target does not count; see chunk_weights): the weighted sum. loss_dtype 'float32' takes the
+  softmax of float32 logits; 'compute' rounds the log-probabilities to the logits' dtype, as
+  torch's cross-entropy on bf16 logits does.
+  """
   # Shifting the labels (not the logits) avoids copying the [B, T, V] logits.
   targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
-  weights_BxT = target_weights(input_ids_BxT, segment_ids_BxT, pad_id)
+  mask_BxT = target_weights(input_ids_BxT, segment_ids_BxT, pad_id)
   logits = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
-  count = jnp.sum(weights_BxT)
-  return jnp.sum(ce_BxT * weights_BxT.astype(ce_BxT.dtype)) / count, count
+  if loss_dtype == 'compute':
+    logp_BxTxV = jax.nn.log_softmax(logits).astype(logits_BxTxV.dtype)
+    ce_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    ce_BxT = ce_BxT.astype(logits.dtype)
+  else:
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
+  count = jnp.sum(mask_BxT)
+  if weights_BxT is None:
+    return jnp.sum(ce_BxT * mask_BxT.astype(ce_BxT.dtype)) / count, count
+  return jnp.sum(ce_BxT * weights_BxT.astype(ce_BxT.dtype)), count
+
+
+def chunk_weights(input_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None, pad_id: int,
+                  chunks: int) -> jax.Array:
+  """Per-position loss weights [B, T] that make the weighted sum the mean of chunk token means.
+
+  Chunk k holds rows [k*b, (k+1)*b), b = B / chunks (the baseline's per-GPU, per-accumulation
+  batch); each counted target of chunk k weighs 1 / (chunks * its chunk's count). A chunk without
+  a counted target adds nothing (torch would give NaN).
+  """
+  mask_BxT = target_weights(input_ids_BxT, segment_ids_BxT, pad_id)
+  b, t = mask_BxT.shape
+  count_K = jnp.sum(mask_BxT.reshape(chunks, (b // chunks) * t), axis=1)
+  w_K = 1.0 / (chunks * jnp.maximum(count_K, 1.0))
+  return mask_BxT * jnp.repeat(w_K, b // chunks)[:, None]
 
 
 def gate_values(model: Transformer) -> jax.Array | None:

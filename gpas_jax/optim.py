@@ -27,6 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from gpas_jax import config as config_lib
+from gpas_jax import torch_optim
+
 PyTree = Any
 KeyPath = tuple[Any, ...]
 
@@ -110,7 +113,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]
   warmup = int(o.warmup_steps)
   total = int(config.num_train_steps)
   min_ratio = float(o.min_lr_ratio)
-  last_step_quirk = bool(o.baseline_last_step)
+  last_step_quirk = bool(config_lib.effective(config, 'optim.baseline_last_step'))
 
   def schedule(step):
     # float32 whatever jax_enable_x64 says, as optax's counters are int32; exact to 2**24 steps.
@@ -183,18 +186,34 @@ def state_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def uses_torch_arithmetic(config: ml_collections.ConfigDict) -> bool:
+  """Whether clipping and Adam follow torch's op-by-op arithmetic (baseline_faithful implies it)."""
+  return config_lib.effective(config, 'optim.arithmetic') == 'torch'
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Returns clip (global) -> clip (gates) -> Adam/AdamW with the baseline's schedule.
 
-  Pure bf16 (model.param_dtype='bfloat16', state_dtype='') keeps both moments in bf16 like the
-  baseline (which casts params and Adam state to bf16). The Adam arithmetic then runs in the
-  gradients' dtype with per-op rounding, close to but not bit-exact with torch's fused ops.
+  `optim.arithmetic='torch'` (or `baseline_faithful`) computes every op as torch does
+  (gpas_jax/torch_optim.py): bit-identical bf16 parameters to `torch.optim.Adam` given the same
+  gradients. `'optax'` uses optax's Adam; in pure bf16 (model.param_dtype='bfloat16',
+  state_dtype='') it keeps both moments in bf16 but runs the arithmetic in bf16 (b2 rounds to 1).
   """
   o = config.optim
   name = o.name
   if name not in ('adam', 'adamw'):
     raise ValueError(f"optim.name={name!r} is not supported; allowed values: adam, adamw.")
   dtype = state_dtype(config)
+  if uses_torch_arithmetic(config):
+    parts = []
+    if o.grad_clip and o.grad_clip > 0:
+      parts.append(torch_optim.torch_clip_by_norm(float(o.grad_clip)))
+    if o.gate_clip and o.gate_clip > 0:
+      parts.append(torch_optim.torch_clip_by_norm(float(o.gate_clip), select=is_gate_path))
+    parts.append(torch_optim.torch_adam(
+        lr_schedule(config), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+        weight_decay=float(o.weight_decay), decoupled=name == 'adamw', state_dtype=dtype))
+    return optax.chain(*parts)
   parts = []
   if o.grad_clip and o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
@@ -239,6 +258,7 @@ def accumulate_gradients(
     split: str = 'strided',
     aux_reduce: str = 'mean',
     accum_dtype: Optional[Any] = None,
+    average: bool = True,
 ) -> tuple[jax.Array, PyTree, PyTree]:
   """Returns (loss, grads, aux) averaged over `micro_batches` equal slices of the batch.
 
@@ -251,6 +271,9 @@ def accumulate_gradients(
   or 'contiguous' (rows i*b:(i+1)*b, like consecutive loader batches). `aux_reduce`: 'mean',
   'sum' or 'stack' (leading axis k). `accum_dtype`: dtype of the gradient sum (default: the
   gradients' own, like torch accumulating into bf16 .grad); the grads come back in it.
+  `average=False` sums the micro-batches' losses and gradients instead: for a loss that is
+  already a weighted sum over the whole batch (steps.py's chunk weights), so that the split
+  into micro-batches does not change the objective.
   """
   if aux_reduce not in ('mean', 'sum', 'stack'):
     raise ValueError(f"aux_reduce={aux_reduce!r}; allowed values: 'mean', 'sum', 'stack'.")
@@ -265,6 +288,7 @@ def accumulate_gradients(
     return loss, grads, aux
 
   k = micro_batches
+  div = k if average else 1
   micro = _split_micro_batches(batch, k, split)
   first = jax.tree.map(lambda x: x[0], micro)
   (loss_shape, aux_shape), grad_shape = jax.eval_shape(loss_and_grad_fn, params, first)
@@ -277,8 +301,8 @@ def accumulate_gradients(
     loss_sum, grad_sum, aux_sum = carry
     (loss, aux), grads = loss_and_grad_fn(params, mb)
     grad_sum = jax.tree.map(
-        lambda acc, g: acc + (g / k).astype(acc.dtype), grad_sum, grads)
-    loss_sum = loss_sum + loss.astype(jnp.float32) / k
+        lambda acc, g: acc + (g / div).astype(acc.dtype), grad_sum, grads)
+    loss_sum = loss_sum + loss.astype(jnp.float32) / div
     if aux_reduce == 'stack':
       return (loss_sum, grad_sum, aux_sum), aux
     aux_sum = jax.tree.map(lambda acc, a: acc + a, aux_sum, aux)

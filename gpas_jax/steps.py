@@ -53,7 +53,7 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.
 def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
   """Validates the config, builds the mesh and the abstract, sharded train state."""
   config_lib.validate(config)
-  mcfg = model_lib.ModelConfig.from_config(config.model)
+  mcfg = model_lib.ModelConfig.from_config(config_lib.model_section(config))
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_fits_mesh(config, mesh)
   rules = sharding.rules_from_config(config)
@@ -78,9 +78,18 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
                abstract)
 
 
-def init_state(s: Setup) -> dict[str, Any]:
-  """Initialises the model and optimizer directly into their shardings."""
+def init_state(s: Setup, params: Any = None) -> dict[str, Any]:
+  """Initialises the model and optimizer directly into their shardings.
+
+  params: initial parameters (global arrays laid out as the state's, e.g. from init_from) to
+  use instead of the seeded initialisation; the optimizer starts fresh either way.
+  """
   cfg, seed = s.model_config, s.config.seed
+  if params is not None:
+    fresh = lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': s.tx.init(p)}
+    with sharding.use_mesh(s.mesh, s.rules):
+      return jax.jit(fresh, in_shardings=(s.state_shardings['params'],),
+                     out_shardings=s.state_shardings)(params)
 
   def init():
     params = nnx.split(model_lib.Transformer(cfg, nnx.Rngs(params=seed)), nnx.Param, ...)[1]
@@ -91,16 +100,18 @@ def init_state(s: Setup) -> dict[str, Any]:
     return jax.jit(init, out_shardings=s.state_shardings)()
 
 
-def _loss_fn(s: Setup) -> Callable:
+def _loss_fn(s: Setup, weighted: bool) -> Callable:
+  """(params, batch) -> (loss, counted targets); weighted: batch['weights'] sums the loss."""
   packed = s.config.data.layout == 'packed'
   pad_id = s.config.data.pad_id
+  loss_dtype = config_lib.effective(s.config, 'model.loss_dtype')
 
   def loss_fn(params, batch):
     model = nnx.merge(s.graphdef, params, s.rest)
     seg = batch['segment_ids'] if packed else None  # the baseline's layout: plain causal
     logits = model(batch['input_ids'], seg)
-    loss, count = model_lib.lm_loss(logits, batch['input_ids'], seg, pad_id)
-    return loss, count
+    return model_lib.lm_loss(logits, batch['input_ids'], seg, pad_id,
+                             batch['weights'] if weighted else None, loss_dtype)
 
   return loss_fn
 
@@ -108,16 +119,23 @@ def _loss_fn(s: Setup) -> Callable:
 def make_train_step(s: Setup) -> Callable:
   """The jitted step: accumulate, clip, update; explicit shardings and a donated state."""
   c = s.config
-  loss_fn = _loss_fn(s)
+  loss_fn = _loss_fn(s, weighted=True)
   schedule = optim.lr_schedule(c)
+  chunks = c.optim.get('loss_chunks', 1)
+  packed = c.data.layout == 'packed'
   skip_bad = c.nan_policy == 'skip'
   inject = c.debug.inject_nan_step
 
   def step_fn(state, batch):
     params = state['params']
+    # The objective (loss_chunks chunk means) as per-token weights of the global batch, so
+    # that the micro-batch split and the mesh leave it unchanged.
+    seg = batch['segment_ids'] if packed else None
+    batch = dict(batch, weights=model_lib.chunk_weights(batch['input_ids'], seg,
+                                                        c.data.pad_id, chunks))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     loss, grads, count = optim.accumulate_gradients(grad_fn, params, batch, c.optim.micro_batches,
-                                                    aux_reduce='sum')
+                                                    aux_reduce='sum', average=False)
     if inject >= 0:  # a test hook: poison one step's loss and gradients
       poison = jnp.where(state['step'] == inject, jnp.nan, 1.0).astype(loss.dtype)
       loss = loss * poison
@@ -139,13 +157,13 @@ def make_train_step(s: Setup) -> Callable:
 
 def make_eval_step(s: Setup) -> Callable:
   """The jitted eval step: (token-mean loss, counted targets) of one batch."""
-  return _jit_in_mesh(s, _loss_fn(s), (s.state_shardings['params'], _batch_shardings(s)),
-                      _replicated(s))
+  return _jit_in_mesh(s, _loss_fn(s, weighted=False),
+                      (s.state_shardings['params'], _batch_shardings(s)), _replicated(s))
 
 
 def make_grad_step(s: Setup) -> Callable:
   """The jitted gradient of one batch's loss (the per-layer analyses use it)."""
-  loss_fn = _loss_fn(s)
+  loss_fn = _loss_fn(s, weighted=False)
   return _jit_in_mesh(s, jax.grad(lambda p, b: loss_fn(p, b)[0]),
                       (s.state_shardings['params'], _batch_shardings(s)),
                       s.state_shardings['params'])
@@ -178,7 +196,11 @@ def global_batch(s: Setup, local: dict[str, np.ndarray]) -> Batch:
 
 
 def evaluate(s: Setup, eval_step: Callable, params: Any, batches: Iterator) -> dict[str, float]:
-  """The mean of per-batch token means over the eval budget (the baseline's definition)."""
+  """The mean of per-batch token means over the eval budget, and the value the paper reports.
+
+  eval_loss_baseline is the release's `sum of batch means / (batches + 1)` (biased low by one
+  batch in n + 1), over batches of data.eval_batch_size rows (the release: its per-GPU batch).
+  """
   losses = []
   for local in batches:
     loss, count = eval_step(params, global_batch(s, local))
@@ -187,5 +209,7 @@ def evaluate(s: Setup, eval_step: Callable, params: Any, batches: Iterator) -> d
   if not losses:
     raise ValueError('the eval split gave no batch with a counted target; check data.eval_*.')
   eval_loss = float(np.mean(losses))
+  baseline = float(np.sum(losses)) / (len(losses) + 1)
   return {'eval_loss': eval_loss, 'eval_ppl': math.exp(min(eval_loss, 700.0)),
+          'eval_loss_baseline': baseline, 'eval_ppl_baseline': math.exp(min(baseline, 700.0)),
           'eval_batches': len(losses)}

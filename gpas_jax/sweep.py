@@ -7,7 +7,9 @@ A sweep config's `get_config()` returns a ConfigDict with:
   base_config  the train config file of each size: a mapping size -> file, or one path where
                '{size}' is replaced by the size name (e.g. 'configs/llama_{size}.py')
   norm_types, sizes, seeds   the product to run
-  overrides    extra `--config.<key>=<value>` flags for every run (nested dicts give dotted keys)
+  overrides    extra `--config.<key>=<value>` flags for every run (nested dicts give dotted keys;
+               empty strings are left out, so a sweep can list the flags a user must fill in)
+  run_overrides  optional (size, norm_type, key, value) tuples: flags of single runs
 Each run's workdir is ROOT/<size>/<norm_type>/seed<k>; a re-run resumes from its checkpoint.
 """
 
@@ -74,13 +76,17 @@ def config_file_for(sweep: ml_collections.ConfigDict, size: str) -> str:
 
 def plan(sweep: ml_collections.ConfigDict, root: str) -> list[SweepRun]:
   """Every run of the sweep, seed-major within a size, so partial sweeps compare like with like."""
-  overrides = tuple(_flatten(sweep.get('overrides') or {}))
+  overrides = tuple((k, v) for k, v in _flatten(sweep.get('overrides') or {}) if v != '')
+  per_run: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+  for size, norm_type, key, value in sweep.get('run_overrides') or ():
+    per_run.setdefault((size, norm_type), []).append((key, value))
   runs = []
   for size in sweep.sizes:
     for seed in sweep.seeds:
       for norm_type in sweep.norm_types:
         runs.append(SweepRun(size, norm_type, int(seed), config_file_for(sweep, size),
-                             os.path.join(root, size, norm_type, f'seed{seed}'), overrides))
+                             os.path.join(root, size, norm_type, f'seed{seed}'),
+                             overrides + tuple(per_run.get((size, norm_type), ()))))
   return runs
 
 

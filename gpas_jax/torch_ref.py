@@ -147,13 +147,9 @@ class RefAttention(nn.Module):
     k = self.k_proj(x).view(shape).transpose(1, 2)
     v = self.v_proj(x).view(shape).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
-    # Plain causal mask: the baseline ignores the (right) padding mask.
-    future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-    scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, d)
-    return self.o_proj(out)
+    # SDPA, plain causal, as the baseline calls it: it ignores the (right) padding mask.
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
 class RefMLP(nn.Module):
@@ -292,9 +288,12 @@ def init_weights(model: RefModel, seed: int) -> None:
 
 
 def loss_fn(logits: torch.Tensor, input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-  """Mean next-token cross-entropy over targets that are not pad_id."""
+  """Mean next-token cross-entropy over targets that are not pad_id, in the logits' dtype.
+
+  As the baseline: bf16 logits are not upcast (no .float() before the loss).
+  """
   labels = input_ids.masked_fill(input_ids == pad_id, -100)
-  shift_logits = logits[:, :-1].to(_compute_dtype(logits.dtype))
+  shift_logits = logits[:, :-1]
   return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                          labels[:, 1:].reshape(-1), ignore_index=-100)
 
@@ -353,11 +352,19 @@ def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, wa
               num_steps: int, min_lr_ratio: float = 0.1, micro_batches: int = 1,
               grad_clip: float = 0.0, gate_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 0.0, baseline_last_step: bool = False,
-              pad_id: int = 0) -> list[float]:
+              pad_id: int = 0, history: list | None = None,
+              loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+              ) -> list[float]:
   """Runs one update per batch (update k at ref_lr(k)); returns the per-update losses.
 
-  The baseline does N + 1 updates (k = 0..N): pass N + 1 batches to reproduce it.
+  The baseline does N + 1 updates (k = 0..N): pass N + 1 batches to reproduce it. Each batch is
+  split into `micro_batches` contiguous chunks whose token-mean losses are averaged (the
+  baseline's GPUs x accumulation). Build Adam after `model.to(torch.bfloat16)` to train as the
+  baseline does: parameters, gradients and moments in bf16. `history`, if given, receives per
+  update: loss, grad_norm (before clipping), gate_norm (after the global clip; clip_grad_norm_'s
+  value), gates (list). `loss_of(model, ids)`: the loss of another model implementation.
   """
+  loss_of = loss_of or (lambda m, ids: loss_fn(m(ids), ids, pad_id))
   params = list(model.parameters())
   gates = gate_params(model)
   if weight_decay > 0:
@@ -373,17 +380,25 @@ def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, wa
       raise ValueError(f'batch {batch.shape[0]} not divisible into {micro_batches} micro-batches')
     total = 0.0
     for mb in torch.split(batch, batch.shape[0] // micro_batches):
-      loss = loss_fn(model(mb), mb, pad_id)
+      loss = loss_of(model, mb)
       (loss / micro_batches).backward()
       total += loss.item()
+    grads = [p for p in params if p.grad is not None]
     if grad_clip > 0:
-      torch.nn.utils.clip_grad_norm_(params, grad_clip)
+      grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+      grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    gate_norm = torch.nn.utils.get_total_norm([g.grad for g in gates]) if gates else None
     if gate_clip > 0 and gates:
-      torch.nn.utils.clip_grad_norm_(gates, gate_clip)  # One joint norm over all gates.
+      gate_norm = torch.nn.utils.clip_grad_norm_(gates, gate_clip)  # One joint norm over all gates.
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     losses.append(total / micro_batches)
+    if history is not None:
+      history.append({'loss': losses[-1], 'grad_norm': float(grad_norm),
+                      'gate_norm': None if gate_norm is None else float(gate_norm),
+                      'gates': [float(x) for g in gates for x in g.detach().float().reshape(-1)]})
   return losses
 
 

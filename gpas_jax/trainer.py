@@ -17,6 +17,7 @@ import numpy as np
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import config as config_lib
 from gpas_jax import data as data_lib
+from gpas_jax import init_from
 from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
 from gpas_jax import steps
@@ -112,14 +113,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   s = steps.setup(config, devices)
   os.makedirs(workdir, exist_ok=True)
   _record_config(config, workdir)
-  total = config.num_train_steps + (1 if config.optim.baseline_last_step else 0)
+  total = config_lib.total_updates(config)
   train_iter = data_lib.make_train_iterator(config)
   eval_batches = data_lib.make_eval_batches(config)
+  if eval_batches is None:
+    logging.info('No eval set (data.source=tokens without data.eval_tokens_path): eval skipped.')
   manager = ckpt.make_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
     state, _ = ckpt.restore(manager, latest, s.abstract_state, train_iter)
     logging.info('Resumed from %s at step %d.', ckpt.checkpoint_dir(workdir), latest)
+  elif config.get('init_from'):
+    params = init_from.load_params(config.init_from, s.model_config)
+    state = steps.init_state(s, init_from.place(params, s.state_shardings['params']))
+    logging.info('Initialised from %s (fresh optimizer).', config.init_from)
   else:
     state = steps.init_state(s)
   start = int(jax.device_get(state['step']))
@@ -181,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       every = config.analysis.every_steps
       if every and (done % every == 0 or done == 1):
         analyse(s, grad_step, state['params'], batch, done, workdir)
-      if done % config.eval_every_steps == 0 or done == total:
+      if eval_batches is not None and (done % config.eval_every_steps == 0 or done == total):
         final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
       if done == config.debug.sigterm_at_step:  # a test hook
         os.kill(os.getpid(), signal.SIGTERM)
@@ -200,6 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if finished and jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'summary.json'), {
         'step': total, 'eval_loss': final.get('eval_loss'), 'eval_ppl': final.get('eval_ppl'),
+        'eval_loss_baseline': final.get('eval_loss_baseline'),
+        'eval_ppl_baseline': final.get('eval_ppl_baseline'),
         'wall_s': time.time() - t_start, 'finished': True})
   return {'step': int(jax.device_get(state['step'])), 'finished': finished, **final,
           'state': state}

@@ -55,6 +55,36 @@ def test_paper_table_commands():
       'pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns', 'lns_gpas', 'post_pre',
       'post_pre_gpas'}
   assert cmds[0][5] == os.path.join('R', '71m', 'pre', 'seed0')
+  # The authors' experiment: baseline_faithful in pure bf16; the gate clip for 1b Sandwich+GPAS.
+  for argv in cmds:
+    f = _flags(argv)
+    assert f['--config.baseline_faithful'] == 'True'
+    assert f['--config.model.param_dtype'] == f['--config.model.compute_dtype'] == 'bfloat16'
+    clipped = argv[3].endswith('1b.py') and f['--config.model.norm_type'] == 'sandwich_gpas'
+    assert f.get('--config.optim.gate_clip') == ('0.01' if clipped else None)
+    assert '--config.data.data_dir' not in f  # left for the user to fill in
+
+
+def test_paper_sizes_carry_the_release_chunks_and_refuse_the_embedded_corpus():
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gpas_jax.data import DataError, validate_data  # pylint: disable=import-outside-toplevel
+  for size, chunks, per_gpu in (('71m', 2, 256), ('250m', 4, 128), ('1b', 16, 32)):
+    c = sweep.load_config_file(f'configs/llama_{size}.py')
+    assert c.optim.loss_chunks == chunks and c.data.eval_batch_size == per_gpu
+    assert c.data.source == 'tfds'
+  c.data.source = 'embedded'
+  try:
+    config_lib.validate(c)
+    raise AssertionError('a paper size trained on the embedded corpus without a word')
+  except config_lib.ConfigError as e:
+    assert "paper_recipe=''" in str(e) and 'data.source=tfds' in str(e)
+  c.data.source = 'tfds'
+  c.data.data_dir = '/nonexistent'
+  try:
+    validate_data(c, 1)
+    raise AssertionError('no tokenizer accepted')
+  except DataError as e:
+    assert 'data.tokenizer' in str(e) and 'T5' in str(e)
 
 
 def test_run_sweep_runs_each_command(tmp_path):

@@ -35,7 +35,8 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type):
   c = tiny_train_config(num_train_steps=N, **{
       'model.vocab_size': V, 'model.hidden_size': D, 'model.intermediate_size': F,
       'model.num_layers': L, 'model.num_heads': H, 'model.norm_type': norm_type,
-      'model.post_num': 1, 'optim.global_batch_size': B, 'optim.micro_batches': K,
+      'model.post_num': 1, 'optim.global_batch_size': B, 'optim.loss_chunks': K,
+      'optim.micro_batches': K,
       'optim.lr': recipe['lr'], 'optim.warmup_steps': recipe['warmup_steps'],
       'optim.grad_clip': recipe['grad_clip'], 'optim.gate_clip': recipe['gate_clip'],
       'data.max_length': T, 'data.tokenizer_vocab_size': V})
@@ -46,9 +47,8 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type):
                           'opt_state': s.tx.init(params)}, s.state_shardings)
   train_step = steps.make_train_step(s)
   j_losses = []
-  for ids in batches:
-    # torch splits micro-batches contiguously, our step strided (rows i::K): reorder the rows.
-    rows = ids.reshape(K, B // K, T).transpose(1, 0, 2).reshape(B, T)
+  for rows in batches:
+    # K loss chunks are contiguous rows, as torch's micro-batches; micro_batches only saves memory.
     state, m = train_step(state, steps.global_batch(
         s, {'input_ids': rows.astype(np.int32), 'segment_ids': (rows != 0).astype(np.int32)}))
     j_losses.append(float(m['loss']))

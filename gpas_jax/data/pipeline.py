@@ -34,6 +34,7 @@ import numpy as np
 from gpas_jax.data import layouts
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
+from gpas_jax.data import tokens
 from gpas_jax.data import validate
 from gpas_jax.data.errors import DataError
 
@@ -44,6 +45,8 @@ _MUST_MATCH = {
     'padded': ('layout', 'dataset', 'seed'),
     'packed': ('layout', 'dataset', 'seed', 'process_count', 'process_index', 'worker_count',
                'global_batch_size', 'max_length', 'tokenizer'),
+    # data.source='tokens': the state is a global batch index into the same rows.
+    'tokens': ('layout', 'dataset', 'global_batch_size'),
 }
 
 
@@ -149,6 +152,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, process_index: int | 
   d = config.data
   global_batch = config.optim.global_batch_size
   rows = _rows_per_host(global_batch, 'optim.global_batch_size', p)
+  if d.source == 'tokens':
+    return TrainIterator(*tokens.train_iterator(config, h, p))
   sp = tokenizer_lib.get_tokenizer(config)
   tokenizer_lib.check_tokenizer(sp, config, f'tokenizer {d.tokenizer or "(default)"}')
   split = sources.open_split(config, d.train_split)
@@ -187,13 +192,20 @@ class EvalBatches:
     self._budget = d.eval_tokens
     self._layout, self._length, self._pad_id, self._eos_id = (
         d.layout, d.max_length, d.pad_id, d.eos_id)
+    if d.source == 'tokens':
+      self._token_rows = tokens.EvalRows(config)
+      self._description = self._token_rows.description
+      return
     self._read_options = _read_options(d.prefetch_buffer_size)
     self._mp_options = _mp_options(config)
     self._sp = tokenizer_lib.get_tokenizer(config)
     tokenizer_lib.check_tokenizer(self._sp, config, f'tokenizer {d.tokenizer or "(default)"}')
     self._split = sources.open_split(config, d.eval_split)
+    self._description = self._split.description
 
-  def _global_batches(self) -> grain.IterDataset:
+  def _global_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    if hasattr(self, '_token_rows'):
+      return iter(self._token_rows)
     it = layouts.tokenized_documents(
         grain.MapDataset.source(self._split.source), self._sp, self._split.text_field,
         self._eos_id, self._read_options, self._mp_options)
@@ -220,14 +232,20 @@ class EvalBatches:
         if seen >= self._budget:
           return
       logging.info('Eval split %s ran out at %d of data.eval_tokens=%d non-pad tokens.',
-                   self._split.description, seen, self._budget)
+                   self._description, seen, self._budget)
     finally:
-      it.close()
+      if hasattr(it, 'close'):
+        it.close()
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, process_index: int | None = None,
-                      process_count: int | None = None) -> EvalBatches:
-  """Returns a re-iterable of this host's eval batches (eval_batch_size/process_count rows each)."""
+                      process_count: int | None = None) -> EvalBatches | None:
+  """Returns a re-iterable of this host's eval batches (eval_batch_size/process_count rows each).
+
+  None for data.source='tokens' without data.eval_tokens_path: such a run has no eval set.
+  """
   h, p = _hosts(process_index, process_count)
   validate.validate_data(config, p)
+  if config.data.source == 'tokens' and not config.data.eval_tokens_path:
+    return None
   return EvalBatches(config, h, p)

@@ -5,6 +5,7 @@ import ml_collections
 from gpas_jax import config as gconfig
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
+from gpas_jax.data import tokens
 from gpas_jax.data.errors import DataError
 
 
@@ -39,6 +40,15 @@ def validate_data(config: ml_collections.ConfigDict, process_count: int | None =
     if total <= 0 or total % process_count:
       raise DataError(f'{field}={total} cannot be split evenly over {process_count} hosts '
                       f'(processes); make it a positive multiple of {process_count}.')
+  if d.source == 'tokens':  # pre-tokenized: no tokenizer, no text source
+    tokens.load_rows(d.tokens_path, config, 'data.tokens_path')
+    if d.eval_tokens_path:
+      tokens.load_rows(d.eval_tokens_path, config, 'data.eval_tokens_path')
+    return
+  if config.get('paper_recipe') and d.source in ('tfds', 'text_folder') and not d.tokenizer:
+    raise DataError(
+        f'the paper\'s {config.paper_recipe} recipe uses the T5 sentencepiece tokenizer (32k), but '
+        'data.tokenizer is empty; pass --config.data.tokenizer=PATH/t5.model (docs/DATA.md).')
   if d.tokenizer:
     sp = tokenizer_lib.load_tokenizer(d.tokenizer)
     tokenizer_lib.check_tokenizer(sp, config, f'data.tokenizer={d.tokenizer!r}')

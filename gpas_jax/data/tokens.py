@@ -1,0 +1,155 @@
+"""Pre-tokenized rows (data.source='tokens'): train on exactly the token rows another trainer saw.
+
+Files:
+  .npy  an integer array [rows, max_length], each row a document padded with pad_id on the right
+        (what the baseline's loader yields), or already-packed rows for the 'packed' layout.
+  .bin  a flat token stream of data.tokens_dtype (uint16 or uint32, no header: the layout many GPT
+        trainers write), documents separated by eos_id; cut into rows of max_length ('packed').
+Order: global batch u is rows [u*B, (u+1)*B) (B = optim.global_batch_size); host h of P takes
+the contiguous rows [u*B + h*B/P, u*B + (h+1)*B/P), so the global batch keeps the file's row
+order (chunk k of optim.loss_chunks is rows [k*b, (k+1)*b) of it). After the last full batch the
+rows start again from the top. The iterator's state is the next global batch index: a checkpoint
+resumes exactly, on any host count.
+Segment ids: 'padded' 1 on tokens, 0 on pad_id; 'packed' a new id after every eos_id (0 on pad_id).
+"""
+
+from collections.abc import Iterator
+import os
+from typing import Any
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from gpas_jax.data.errors import DataError
+
+_CHECK_ROWS = 1 << 16  # rows per block when scanning a file for out-of-range ids
+_CHECKED: set[tuple] = set()
+
+
+def load_rows(path: str, config: ml_collections.ConfigDict, field: str) -> np.ndarray:
+  """Memory-maps a token file as [rows, max_length] and checks it; raises DataError naming it."""
+  d = config.data
+  length, vocab = d.max_length, config.model.vocab_size
+  if not path:
+    raise DataError(f"{field} is empty; data.source='tokens' needs a .npy [rows, max_length] "
+                    'array or a flat .bin token stream.')
+  if not os.path.isfile(path):
+    raise DataError(f'{field}={path!r} does not exist.')
+  if path.endswith('.npy'):
+    try:
+      rows = np.load(path, mmap_mode='r', allow_pickle=False)
+    except ValueError as e:
+      raise DataError(f'{field}={path!r} is not a plain .npy array ({e}).') from e
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
+      raise DataError(f'{field}={path!r} holds a {rows.dtype} array of shape {rows.shape}; it '
+                      'must be an integer array [rows, max_length].')
+    if rows.shape[1] != length:
+      raise DataError(f'{field}={path!r} has rows of {rows.shape[1]} tokens but data.max_length='
+                      f'{length}; set --config.data.max_length={rows.shape[1]}.')
+  elif path.endswith('.bin'):
+    if d.layout != 'packed':
+      raise DataError(f"{field}={path!r} is a flat token stream: it needs data.layout='packed' "
+                      f"(data.layout={d.layout!r}); padded rows come as a .npy [rows, max_length].")
+    dtype = np.dtype(d.tokens_dtype)
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+      raise DataError(f'{field}={path!r} has {size} bytes, not a whole number of {dtype} tokens; '
+                      'check data.tokens_dtype.')
+    flat = np.memmap(path, dtype=dtype, mode='r')
+    n = len(flat) // length
+    rows = flat[:n * length].reshape(n, length)
+  else:
+    raise DataError(f'{field}={path!r}: the token file must end in .npy or .bin.')
+  if len(rows) == 0:
+    raise DataError(f'{field}={path!r} holds no full row of {length} tokens.')
+  key = (os.path.abspath(path), os.path.getmtime(path), rows.shape, vocab)
+  if key not in _CHECKED:  # validation and the pipeline both open the file: scan it once
+    _check_ids(rows, vocab, field, path)
+    _CHECKED.add(key)
+  return rows
+
+
+def _check_ids(rows: np.ndarray, vocab: int, field: str, path: str) -> None:
+  """Raises DataError at the first block holding an id outside the model's vocabulary."""
+  for start in range(0, len(rows), _CHECK_ROWS):
+    block = np.asarray(rows[start:start + _CHECK_ROWS])
+    lo, hi = int(block.min()), int(block.max())
+    if lo < 0 or hi >= vocab:
+      bad = start + int(np.argmax(((block < 0) | (block >= vocab)).any(axis=1)))
+      raise DataError(f'{field}={path!r} row {bad} holds token id {hi if hi >= vocab else lo}, '
+                      f'outside 0..model.vocab_size-1={vocab - 1}; the file was tokenized for '
+                      'another vocabulary.')
+
+
+def row_batch(ids_BxT: np.ndarray, layout: str, pad_id: int, eos_id: int) -> dict[str, np.ndarray]:
+  """Token rows -> {'input_ids', 'segment_ids'} int32 in the trainer's layout convention."""
+  ids = np.asarray(ids_BxT, np.int32)
+  tokens = ids != pad_id
+  if layout == 'packed':  # a document ends at its eos; the next one gets the next id
+    starts = np.pad(ids[:, :-1] == eos_id, ((0, 0), (1, 0)))
+    seg = (1 + np.cumsum(starts, axis=1)) * tokens
+  else:
+    seg = tokens
+  return {'input_ids': ids, 'segment_ids': seg.astype(np.int32)}
+
+
+class _HostBatches:
+  """Random access to this host's part of global batch u (grain reads it by index)."""
+
+  def __init__(self, rows: np.ndarray, config: ml_collections.ConfigDict, host: int, hosts: int):
+    d = config.data
+    self._rows, self._b = rows, config.optim.global_batch_size
+    self._lo, self._hi = host * self._b // hosts, (host + 1) * self._b // hosts
+    self._layout, self._pad, self._eos = d.layout, d.pad_id, d.eos_id
+    self._batches = len(rows) // self._b
+
+  def __len__(self) -> int:
+    return self._batches
+
+  def __getitem__(self, u: int) -> dict[str, np.ndarray]:
+    start = (u % self._batches) * self._b
+    return row_batch(self._rows[start + self._lo:start + self._hi], self._layout, self._pad,
+                     self._eos)
+
+
+def description(path: str, rows: np.ndarray, layout: str) -> str:
+  """What a checkpoint's data state records of the file (a resume must read the same rows)."""
+  return f'tokens:{os.path.abspath(path)}:{rows.shape[0]}x{rows.shape[1]}:{layout}'
+
+
+def train_iterator(config: ml_collections.ConfigDict, host: int, hosts: int
+                   ) -> tuple[grain.DatasetIterator, dict[str, Any]]:
+  """This host's endless train batches over the token rows, and the meta its state records."""
+  d = config.data
+  rows = load_rows(d.tokens_path, config, 'data.tokens_path')
+  batch = config.optim.global_batch_size
+  if len(rows) < batch:
+    raise DataError(f'data.tokens_path={d.tokens_path!r} has {len(rows)} rows, fewer than one '
+                    f'global batch (optim.global_batch_size={batch}).')
+  source = _HostBatches(rows, config, host, hosts)
+  if len(source) * batch < len(rows):
+    logging.warning('data.tokens_path has %d rows: the last %d (less than a batch) are not used.',
+                    len(rows), len(rows) - len(source) * batch)
+  ds = grain.MapDataset.source(source).repeat(None).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, d.prefetch_buffer_size)))
+  meta = {'layout': 'tokens', 'dataset': description(d.tokens_path, rows, d.layout),
+          'seed': 0, 'process_count': hosts, 'process_index': host,
+          'global_batch_size': batch, 'max_length': d.max_length}
+  return iter(ds), meta
+
+
+class EvalRows:
+  """The eval token rows in order, as global batches of data.eval_batch_size (re-iterable)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    d = config.data
+    self.rows = load_rows(d.eval_tokens_path, config, 'data.eval_tokens_path')
+    self.description = description(d.eval_tokens_path, self.rows, d.layout)
+    self._size, self._layout, self._pad, self._eos = (d.eval_batch_size, d.layout, d.pad_id,
+                                                      d.eos_id)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(self.rows), self._size):
+      yield row_batch(self.rows[start:start + self._size], self._layout, self._pad, self._eos)
