@@ -3,7 +3,7 @@
     python -m gpas_jax.compare_torch --config configs/tiny.py --out cmp \
         --config.model.norm_type=pre_gpas --updates 50 [--init ckpt.safetensors] [--tokens rows.npy]
 
-For each precision (float32, and bfloat16 as the baseline trains: `model.to(bfloat16)` before
+Both sides run on one device. For each precision (float32, and bfloat16 as the baseline trains: `model.to(bfloat16)` before
 Adam), gpas_jax trains with `baseline_faithful` through the real trainer (init_from + the
 'tokens' source) and PyTorch trains the same rows with the baseline's recipe (LambdaLR schedule,
 global then joint gate clip, loss_chunks contiguous chunks, N + 1 updates). In bfloat16 PyTorch
@@ -21,7 +21,7 @@ import copy
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
@@ -49,10 +49,15 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
 
 
 def faithful_config(config: ml_collections.ConfigDict, tokens_path: str, init: str,
-                    updates: int, dtype: str) -> ml_collections.ConfigDict:
-  """The run config of the gpas_jax side: baseline_faithful on the given rows and init."""
+                    updates: int, dtype: str, faithful: bool = True) -> ml_collections.ConfigDict:
+  """The run config of the gpas_jax side on the given rows and init.
+
+  faithful=False keeps the config's own optim.arithmetic / model.loss_dtype /
+  model.attention_logits_dtype (to measure what each part moves); N + 1 updates either way.
+  """
   c = copy.deepcopy(config)
-  c.baseline_faithful = True
+  c.baseline_faithful = faithful
+  c.optim.baseline_last_step = True
   c.init_from = init
   c.num_train_steps = updates
   c.model.param_dtype = c.model.compute_dtype = dtype
@@ -62,15 +67,18 @@ def faithful_config(config: ml_collections.ConfigDict, tokens_path: str, init: s
   c.eval_every_steps = c.checkpoint_every_steps = updates + 1
   c.analysis.every_steps = 0
   c.logging.tensorboard = False
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = 1, 1, 1, 1  # one device, as torch
   return c
 
 
 def run_jax(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Trains with gpas_jax's trainer in a fresh workdir; returns its per-update history."""
+  import jax  # pylint: disable=import-outside-toplevel
   from gpas_jax import trainer  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-    raise FileExistsError(f'{workdir} already holds a run; give a new --out.')
-  trainer.train(config, workdir)
+    raise FileExistsError(f'{workdir} already holds a gpas_jax run; give a new --out (the '
+                          'PyTorch histories there, torch_*.json, are reused).')
+  trainer.train(config, workdir, jax.devices()[:1])
   return read_history(workdir)
 
 
@@ -129,6 +137,21 @@ def run_torch(config: ml_collections.ConfigDict, rows_NxT: np.ndarray, init: str
   return history
 
 
+def cached_torch(out: str, key: str, inputs: dict[str, Any], run: Any) -> list[dict[str, Any]]:
+  """run() once per `inputs`: OUT/torch_<key>.json keeps a PyTorch history for reruns."""
+  path = os.path.join(out, f'torch_{key}.json')
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+    if saved['inputs'] == inputs:
+      logging.info('PyTorch %s: reusing %s.', key, path)
+      return saved['history']
+  history = run()
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump({'inputs': inputs, 'history': history}, f)
+  return history
+
+
 def gaps(a: Sequence[dict], b: Sequence[dict]) -> dict[str, float]:
   """Largest per-update differences of two histories, and the final gates' largest difference."""
   out = {'updates': min(len(a), len(b))}
@@ -159,7 +182,7 @@ def save_torch_init(config: ml_collections.ConfigDict, path: str, baseline_repo:
 
 def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str = '',
             tokens: str = '', precisions: Sequence[str] = ('float32', 'bfloat16'),
-            baseline_repo: str = '') -> dict[str, Any]:
+            baseline_repo: str = '', faithful: bool = True) -> dict[str, Any]:
   """Runs both sides for each precision; writes the table, JSON and figure; returns the gaps."""
   os.makedirs(out, exist_ok=True)
   b = config.optim.global_batch_size
@@ -171,17 +194,23 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
     init = os.path.join(out, 'init.safetensors')
     save_torch_init(config, init, baseline_repo)
   result: dict[str, Any] = {'norm_type': config.model.norm_type, 'updates': updates + 1}
+  inputs = {'tokens': os.path.abspath(tokens), 'init': os.path.abspath(init),
+            'mtimes': [os.path.getmtime(tokens), os.path.getmtime(init)],
+            'model': config.model.to_dict(), 'optim': config.optim.to_dict(),
+            'baseline_repo': baseline_repo, 'updates': updates}
   curves = {}
   for dtype in precisions:
     logging.info('%s: gpas_jax ...', dtype)
-    jax_h = run_jax(faithful_config(config, tokens, init, updates, dtype),
+    jax_h = run_jax(faithful_config(config, tokens, init, updates, dtype, faithful),
                     os.path.join(out, f'jax_{dtype}'))
     logging.info('%s: PyTorch ...', dtype)
-    torch_h = run_torch(config, rows, init, dtype, updates, baseline_repo)
+    torch_h = cached_torch(out, dtype, inputs, lambda: run_torch(
+        config, rows, init, dtype, updates, baseline_repo))
     entry = {'jax_vs_torch': gaps(jax_h, torch_h)}
     curves[dtype] = (jax_h, torch_h)
     if dtype == 'bfloat16':
-      noise_h = run_torch(config, rows, init, dtype, updates, baseline_repo, reverse_chunks=True)
+      noise_h = cached_torch(out, f'{dtype}_reversed', inputs, lambda: run_torch(
+          config, rows, init, dtype, updates, baseline_repo, reverse_chunks=True))
       entry['noise_floor'] = gaps(noise_h, torch_h)
       floor = entry['noise_floor']['gate_final_max_abs']
       entry['gate_gap_over_noise'] = (entry['jax_vs_torch']['gate_final_max_abs'] / floor
@@ -249,13 +278,17 @@ def define_flags() -> None:
   flags.DEFINE_list('precisions', ['float32', 'bfloat16'], 'Which precisions to compare.')
   flags.DEFINE_string('baseline_repo', '', "A checkout of the authors' code: use its "
                       'peft_pretraining.modeling_llama instead of the port.')
+  flags.DEFINE_bool('faithful', True, 'gpas_jax with baseline_faithful; --nofaithful keeps the '
+                    "config's optim.arithmetic, model.loss_dtype and model.attention_logits_dtype "
+                    '(to measure what each part moves).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  result = compare(f.config, f.out, f.updates, f.init, f.tokens, f.precisions, f.baseline_repo)
+  result = compare(f.config, f.out, f.updates, f.init, f.tokens, f.precisions, f.baseline_repo,
+                   f.faithful)
   print(format_table(result))
 
 

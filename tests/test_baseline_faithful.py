@@ -79,6 +79,9 @@ def test_float32_trajectory_matches_pytorch_with_both_clips_and_two_chunks(tmp_p
   gates_torch = np.array([h['gates'] for h in history])
   assert gates_ours.shape == (N + 1, L) and np.abs(gates_torch[-1]).min() > 1e-3
   np.testing.assert_allclose(gates_ours, gates_torch, rtol=0, atol=1e-5)
+  print(f'{norm_type}: max |loss diff| '
+        f'{max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, history)):.2e}, '
+        f'max |gate diff| {np.abs(gates_ours - gates_torch).max():.2e}')
   np.testing.assert_allclose([h['grad_norm'] for h in ours], [h['grad_norm'] for h in history],
                              rtol=1e-4)
   # The last update ran at 1e-7 * peak: the baseline's end quirk.
