@@ -25,8 +25,8 @@ def _is_gate(path: tuple, _) -> bool:
   return bool(path) and path[-1] == 'gate'
 
 
-# What a state dict holds: the parameters and every gate, fixed (non-learnable) gates included,
-# since the baseline's module holds its gate as a tensor whatever its act or trainability. Other
+# What a state dict holds: the parameters and every gate under `gpas_block.gate`, fixed
+# (non-learnable) gates included (torch_ref holds one as a requires_grad=False parameter). Other
 # non-trained state (LNS multipliers) is computed from the config.
 _EXPORTED = nnx.Any(nnx.Param, _is_gate)
 
