@@ -49,6 +49,8 @@ class RefConfig:
   gate_act: str = 'silu'
   lns_mode: str = 'init'  # 'init': learnable gains start at 1/sqrt(l+1); 'fixed': constant multiplier.
   gate_per_sublayer: bool = False
+  gate_init: float = 0.0
+  gate_learnable: bool = True  # False: a fixed g (a Parameter with requires_grad=False).
 
   def __post_init__(self):
     if self.norm_type not in NORM_TYPES:
@@ -168,10 +170,13 @@ class RefMLP(nn.Module):
 class GPASBlock(nn.Module):
   """gpas(x; g) = x - act(g) * x.detach(): scales the forward, leaves d/dx the identity."""
 
-  def __init__(self, act: str = 'silu', per_sublayer: bool = False):
+  def __init__(self, act: str = 'silu', per_sublayer: bool = False, init: float = 0.0,
+               learnable: bool = True):
     super().__init__()
     self.act = GATE_ACTS[act]
-    self.gate = nn.Parameter(torch.zeros(2) if per_sublayer else torch.zeros(()))
+    # A fixed gate stays a Parameter (requires_grad=False): it is in the state dict either way.
+    self.gate = nn.Parameter(torch.full((2,) if per_sublayer else (), float(init)),
+                             requires_grad=learnable)
 
   def forward(self, x: torch.Tensor, sublayer: int = 0) -> torch.Tensor:
     g = self.gate[sublayer] if self.gate.dim() else self.gate
@@ -196,7 +201,8 @@ class RefDecoderLayer(nn.Module):
     if self.form != 'pre':
       self.post_feedforward_layernorm = norm()
     if self.use_gpas:
-      self.gpas_block = GPASBlock(cfg.gate_act, cfg.gate_per_sublayer)
+      self.gpas_block = GPASBlock(cfg.gate_act, cfg.gate_per_sublayer, cfg.gate_init,
+                                  cfg.gate_learnable)
     self.alpha = (2 * cfg.num_hidden_layers) ** 0.25 if self.form == 'deeppost' else None
     # Original LNS paper: the N1/N2 outputs times a constant (python float).
     self.lns_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.lns_fixed else None
@@ -277,7 +283,7 @@ def init_weights(model: RefModel, seed: int) -> None:
     elif name.endswith('_proj.weight') or name == 'lm_head.weight':
       p.normal_(0.0, _LINEAR_STD, generator=gen)
     elif name.endswith('gpas_block.gate'):
-      p.zero_()
+      p.fill_(cfg.gate_init)
     elif name.endswith('norm.weight'):
       p.fill_(1.0)
       m = re.match(r'model\.layers\.(\d+)\.(input|post_attention)_layernorm\.', name)
@@ -344,8 +350,9 @@ def ref_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, num_st
 
 
 def gate_params(model: nn.Module) -> list[nn.Parameter]:
-  """All GPAS gates, in layer order."""
-  return [p for n, p in model.named_parameters() if n.endswith('gpas_block.gate')]
+  """All trained GPAS gates, in layer order (fixed gates are not clipped or updated)."""
+  return [p for n, p in model.named_parameters()
+          if n.endswith('gpas_block.gate') and p.requires_grad]
 
 
 def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, warmup_steps: int,
@@ -353,8 +360,8 @@ def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, wa
               grad_clip: float = 0.0, gate_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 0.0, baseline_last_step: bool = False,
               pad_id: int = 0, history: list | None = None,
-              loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-              ) -> list[float]:
+              loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+              gate_norms: list[float] | None = None) -> list[float]:
   """Runs one update per batch (update k at ref_lr(k)); returns the per-update losses.
 
   The baseline does N + 1 updates (k = 0..N): pass N + 1 batches to reproduce it. Each batch is
@@ -362,10 +369,12 @@ def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, wa
   baseline's GPUs x accumulation). Build Adam after `model.to(torch.bfloat16)` to train as the
   baseline does: parameters, gradients and moments in bf16. `history`, if given, receives per
   update: loss, grad_norm (before clipping), gate_norm (after the global clip; clip_grad_norm_'s
-  value), gates (list). `loss_of(model, ids)`: the loss of another model implementation.
+  value), gates (list). `gate_norms`, if given, receives each update's joint gate-gradient norm
+  after the global clip when the gate clip is on. `loss_of(model, ids)`: the loss of another
+  model implementation.
   """
   loss_of = loss_of or (lambda m, ids: loss_fn(m(ids), ids, pad_id))
-  params = list(model.parameters())
+  params = [p for p in model.parameters() if p.requires_grad]
   gates = gate_params(model)
   if weight_decay > 0:
     opt = torch.optim.AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
@@ -391,6 +400,8 @@ def ref_train(model: RefModel, batches: Sequence[torch.Tensor], *, lr: float, wa
     gate_norm = torch.nn.utils.get_total_norm([g.grad for g in gates]) if gates else None
     if gate_clip > 0 and gates:
       gate_norm = torch.nn.utils.clip_grad_norm_(gates, gate_clip)  # One joint norm over all gates.
+      if gate_norms is not None:
+        gate_norms.append(float(gate_norm))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -407,12 +418,55 @@ def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def drop_rope_buffers(model: RefModel, sd: dict) -> dict:
+  """sd without transformers 4.31's persistent `rotary_emb.inv_freq` buffers, checked first.
+
+  This port builds its RoPE tables from the config; a buffer of another theta is an error.
+  """
+  from gpas_jax import interop  # pylint: disable=import-outside-toplevel
+  cfg = model.config
+  out = {}
+  for name, v in sd.items():
+    if name.endswith('.self_attn.rotary_emb.inv_freq'):
+      if not interop.rope_buffer_matches(interop.to_numpy(v), cfg.rope_theta, cfg.head_dim):
+        raise ValueError(f'{name} does not match rope_theta={cfg.rope_theta}, '
+                         f'head dim {cfg.head_dim}.')
+      continue
+    out[name] = v
+  return out
+
+
 def load_numpy_state_dict(model: nn.Module, sd: dict[str, np.ndarray]) -> None:
-  """Loads numpy arrays (cast to each parameter's dtype), strict=True."""
+  """Loads numpy arrays (cast to each parameter's dtype), strict=True (RoPE buffers checked)."""
   tensors = {}
-  for k, v in sd.items():
+  for k, v in drop_rope_buffers(model, sd).items():
     arr = np.array(v)  # A writable copy (JAX arrays come back read-only).
     if arr.dtype.name == 'bfloat16':  # ml_dtypes bf16 has no torch.from_numpy path.
       arr = arr.astype(np.float32)
     tensors[k] = torch.from_numpy(arr)
   model.load_state_dict(tensors, strict=True)
+
+
+def ref_config_from_hf(hf: dict) -> RefConfig:
+  """The RefConfig of a gpas_jax export's config.json (HF LlamaConfig keys plus ours)."""
+  return RefConfig(
+      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+      intermediate_size=hf['intermediate_size'], num_hidden_layers=hf['num_hidden_layers'],
+      num_attention_heads=hf['num_attention_heads'], norm_type=hf['norm_type'],
+      post_num=hf.get('post_num', 0), rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_theta=hf.get('rope_theta', 10000.0), gate_act=hf.get('gate_act', 'silu'),
+      lns_mode=hf.get('lns_mode', 'init'), gate_per_sublayer=hf.get('gate_per_sublayer', False),
+      gate_init=hf.get('gate_init', 0.0), gate_learnable=hf.get('gate_learnable', True))
+
+
+def load_hf_directory(directory: str) -> RefModel:
+  """A gpas_jax export (config.json + model.safetensors) loaded strictly, in its param dtype."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(directory, 'config.json'), encoding='utf-8') as f:
+    hf = json.load(f)
+  model = RefModel(ref_config_from_hf(hf)).to(getattr(torch, hf.get('torch_dtype', 'float32')))
+  sd = load_file(os.path.join(directory, 'model.safetensors'))
+  model.load_state_dict(drop_rope_buffers(model, sd), strict=True)
+  return model

@@ -5,8 +5,10 @@ import pathlib
 
 # Test programs are tiny and compiled once each: XLA:CPU's backend optimisations cost more
 # compile time than they save (about half of the suite's compile time). Set before jax starts.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_backend_optimization_level=0').strip()
+# GPAS_TEST_XLA_DEFAULT=1 keeps XLA's default level (tests/test_xla_default_level.py).
+if os.environ.get('GPAS_TEST_XLA_DEFAULT') != '1':
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -65,3 +65,21 @@ def perturbed_state_dict(cfg, seed=0):
     if k.endswith('gate') or 'norm' in k:
       sd[k] = (v + rng.normal(0, 0.3, v.shape)).astype(v.dtype)
   return sd
+
+
+def read_tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the event files, read as TFRecords without TensorFlow."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out: dict[str, dict[int, float]] = {}
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out

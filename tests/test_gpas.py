@@ -16,6 +16,35 @@ def test_forward_scales_by_one_minus_act(act):
   np.testing.assert_allclose(gpas_lib.gpas(x, g, act), (1 - scale) * x, rtol=1e-6, atol=1e-7)
 
 
+def _torch_acts():
+  """The baseline's activations, written from torch.nn.functional (not from our table)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  return {'silu': F.silu, 'identity': lambda g: g, 'relu': F.relu, 'tanh': torch.tanh,
+          'leaky_relu': lambda g: F.leaky_relu(g, negative_slope=0.01),
+          'scale_silu': lambda g: torch.sigmoid(8 * g) * g,  # GPAS.md: sigmoid(8x) * x
+          'sigmoid': torch.sigmoid, 'gelu': F.gelu}  # torch's default gelu: the exact (erf) one
+
+
+@pytest.mark.parametrize('act', sorted(gpas_lib.GATE_ACTIVATIONS))
+def test_gate_activations_and_their_derivatives_match_torch(act):
+  import torch  # pylint: disable=import-outside-toplevel
+  assert set(_torch_acts()) == set(gpas_lib.GATE_ACTIVATIONS)
+  # Gates live in about [-3, 3]; avoid 0 exactly, where relu-like derivatives are a convention.
+  g = np.linspace(-3.0, 3.0, 241) + 1e-3
+  g_t = torch.tensor(g, dtype=torch.float64, requires_grad=True)
+  want = _torch_acts()[act](g_t)
+  (want_grad,) = torch.autograd.grad(want.sum(), g_t)
+  with jax.enable_x64(True):
+    fn = gpas_lib.GATE_ACTIVATIONS[act]
+    got = np.asarray(fn(jnp.asarray(g)))
+    got_grad = np.asarray(jax.vmap(jax.grad(fn))(jnp.asarray(g)))
+  assert got.dtype == np.float64
+  # float64 on both sides: round-off of 1e-16; gelu's tanh approximation is off by up to 5e-4.
+  np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
 def test_silu_reference_points():
   silu = gpas_lib.GATE_ACTIVATIONS['silu']
   assert float(silu(0.0)) == 0.0  # identity block at init

@@ -106,12 +106,18 @@ def test_only_process_zero_writes(tmp_path):
   assert not os.path.exists(tmp_path / 'p1')
 
 
-def test_tensorboard_writer_creates_event_file(tmp_path):
+def test_tensorboard_writer_writes_the_values(tmp_path):
+  from tests.helpers import read_tensorboard_scalars  # pylint: disable=import-outside-toplevel
   w = metrics.MetricWriter(str(tmp_path), stdout=False, jsonl=False, tensorboard=True)
-  w.write_scalars(5, {'loss': 1.5, 'lr': 1e-3})
+  w.write_scalars(5, {'loss': 1.5, 'lr': 1e-3, 'gate/0': np.float32(-0.25)})
+  w.write_scalars(6, {'loss': 1.25, 'lr': 2e-3, 'gate/0': 0.5})
   w.close()
   events = glob.glob(str(tmp_path / 'tensorboard' / 'events.out.tfevents*'))
-  assert len(events) == 1 and os.path.getsize(events[0]) > 0
+  assert len(events) == 1
+  scalars = read_tensorboard_scalars(str(tmp_path / 'tensorboard'))  # not just the header
+  assert scalars == {'loss': {5: 1.5, 6: 1.25}, 'lr': {5: pytest.approx(1e-3, rel=1e-7),
+                                                       6: pytest.approx(2e-3, rel=1e-7)},
+                     'gate/0': {5: -0.25, 6: 0.5}}
 
 
 def test_stdout_line_formats_known_keys(tmp_path):

@@ -38,20 +38,49 @@ def _baseline_lr(s, peak, warmup, total, min_ratio, last_step_quirk):
 # ---------------------------------------------------------------- schedule
 
 
+def _torch_lrs(peak, warmup, total, min_ratio, quirk, count):
+  """The lr of updates 0..count-1, tabulated from torch's LambdaLR as the baseline drives it.
+
+  The lambda is the release's cyclical form (cycle length N: update N restarts the cycle and
+  gets 1e-7), written out again here with the cosine as cos^2(pi p / 2) = (1 + cos(pi p)) / 2.
+  Without the quirk, updates past N hold the floor.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  def factor(step):
+    if quirk:
+      cycle = step % total
+      if cycle < warmup:
+        return 1e-7 if step >= total and cycle < 2 else cycle / max(1, warmup)
+    else:
+      cycle = min(step, total)
+      if cycle < warmup:
+        return cycle / max(1, warmup)
+    p = (cycle - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * math.cos(math.pi * p / 2) ** 2
+
+  opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+  lrs = []
+  for _ in range(count):
+    lrs.append(opt.param_groups[0]['lr'])  # the lr this update runs at
+    opt.step()
+    sched.step()
+  return np.array(lrs)
+
+
 @pytest.mark.parametrize('quirk', [False, True])
-def test_schedule_matches_baseline(quirk):
-  c = _config(lr=1e-3, warmup_steps=1000, min_lr_ratio=0.1, baseline_last_step=quirk,
-              num_train_steps=10_000)
-  sched = jax.jit(optim.lr_schedule(c))
-  steps = [0, 1, 500, 999, 1000, 1001, 5500, 9999, 10_000, 10_001]
-  got = np.array([float(sched(s)) for s in steps])
-  want = np.array([_baseline_lr(s, 1e-3, 1000, 10_000, 0.1, quirk) for s in steps])
-  np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
-  assert got[0] == 0.0
-  assert got[4] == pytest.approx(1e-3, rel=1e-7)  # end of warmup: the peak
-  assert got[6] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-6)  # middle of the cosine
-  assert got[8] == pytest.approx(1e-10 if quirk else 1e-4, rel=1e-6)  # the last (N-th) update
-  assert got[9] == pytest.approx(1e-4, rel=1e-6)  # beyond N: the floor
+@pytest.mark.parametrize('peak,warmup,total', [(1e-3, 1000, 10_000), (3e-3, 7, 40)])
+def test_schedule_matches_torch_lambdalr(quirk, peak, warmup, total):
+  c = _config(lr=peak, warmup_steps=warmup, min_lr_ratio=0.1, baseline_last_step=quirk,
+              num_train_steps=total)
+  count = total + 1 if quirk else total + 3  # the quirk's schedule ends with update N
+  want = _torch_lrs(peak, warmup, total, 0.1, quirk, count)
+  got = np.asarray(jax.jit(optim.lr_schedule(c))(jnp.arange(count)), np.float64)
+  # float32 against torch's doubles: a few float32 ulps (6e-8 each).
+  np.testing.assert_allclose(got, want, rtol=5e-7, atol=0)
+  assert got[0] == 0.0 and got[warmup] == pytest.approx(peak, rel=1e-7)
+  assert got[total] == pytest.approx(1e-7 * peak if quirk else 0.1 * peak, rel=1e-6)
 
 
 def test_schedule_edge_cases_do_not_divide_by_zero():
@@ -115,32 +144,54 @@ def test_gate_clip_rescales_only_gates_to_joint_norm():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), same, grads)
 
 
-def test_global_clip_then_gate_clip_order():
-  # Gates have norm 5; the rest norm 7 * sqrt(6) + head, so the total is ~18.0.
-  grads = _grads()
-  c = _config(grad_clip=1.0, gate_clip=0.5, lr=1.0, warmup_steps=0, num_train_steps=10)
-  total = float(optim.global_norm(grads))
-  chain = optax.chain(optax.clip_by_global_norm(1.0), optim.clip_gates_by_joint_norm(0.5))
-  out, _ = jax.jit(chain.update)(grads, chain.init(grads))
-  # Global clip first scales the gates to 5 / total ~ 0.28 < 0.5: the gate clip then is a no-op.
-  np.testing.assert_allclose(out['layers']['gpas']['gate'], np.array([3.0, 4.0]) / total,
-                             rtol=1e-6)
-  # The reverse order would give 0.5 / total-after-gate-clip, which differs.
-  rev = optax.chain(optim.clip_gates_by_joint_norm(0.5), optax.clip_by_global_norm(1.0))
-  out_rev, _ = jax.jit(rev.update)(grads, rev.init(grads))
-  assert not np.allclose(out_rev['layers']['gpas']['gate'], out['layers']['gpas']['gate'])
-  # make_optimizer uses the first order. Adam's first update is ~lr * sign(g), which hides the
-  # clipping, so read the clipped gradient back from the first moment: mu = (1 - b1) * g.
-  tx = optim.make_optimizer(c)
+def _first_update_gradient(config, grads):
+  """The gradient Adam saw in its first update, read back from the update itself.
+
+  Update 1 is -lr * g / (|g| + eps) whatever the Adam's arithmetic (m_hat = g, sqrt(v_hat) =
+  |g|), so with lr = 1 it inverts exactly: g = -u * eps / (1 - |u|). A large eps keeps |u|
+  well below 1 (no sign-like step hiding the clipping).
+  """
+  tx = optim.make_optimizer(config)
   params = jax.tree.map(jnp.zeros_like, grads)
-  state = tx.init(params)
-  _, state = jax.jit(tx.update)(grads, state, params)
-  adam_state = [s for s in jax.tree_util.tree_leaves(
-      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState)][0]
-  np.testing.assert_allclose(adam_state.mu['layers']['gpas']['gate'] / (1 - c.optim.b1),
-                             out['layers']['gpas']['gate'], rtol=1e-5)
-  np.testing.assert_allclose(adam_state.mu['head'] / (1 - c.optim.b1), out['head'], rtol=1e-5)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  eps = config.optim.eps
+  return jax.tree.map(lambda u: -np.asarray(u, np.float64) * eps / (1 - np.abs(u)), updates)
+
+
+def test_gate_clip_engages_after_the_global_clip():
+  # Gates of joint norm 5 against a rest of norm ~2.6: after the global clip to 1 the gates'
+  # norm is still ~0.89, above the gate clip of 0.5, so the gate clip changes the update.
+  grads = {'layers': {'gpas': {'gate': jnp.array([3.0, 4.0])},
+                      'attn': {'w': jnp.full((2, 3), 0.5)}},
+           'extra': {'gate': jnp.array(0.0)},
+           'head': jnp.array([1.0, -2.0])}
+  c = _config(grad_clip=1.0, gate_clip=0.5, lr=1.0, warmup_steps=0, num_train_steps=10,
+              eps=10.0)
+  seen = _first_update_gradient(c, grads)
+  # The baseline's clipping, done by torch: global clip_grad_norm_, then one over the gates.
+  import torch  # pylint: disable=import-outside-toplevel
+  t = {k: torch.tensor(np.asarray(v), dtype=torch.float64)
+       for k, v in (('gate', grads['layers']['gpas']['gate']), ('w', grads['layers']['attn']['w']),
+                    ('extra', grads['extra']['gate']), ('head', grads['head']))}
+  for v in t.values():
+    v.grad = v.clone()
+  total = float(torch.nn.utils.clip_grad_norm_(list(t.values()), 1.0))
+  gate_norm = float(torch.nn.utils.clip_grad_norm_([t['gate'], t['extra']], 0.5))
+  assert total > 1.0 and gate_norm > 0.5 * 1.5  # both clips engaged, the gate one by a lot
+  want = {'gate': seen['layers']['gpas']['gate'], 'w': seen['layers']['attn']['w'],
+          'extra': seen['extra']['gate'], 'head': seen['head']}
+  # torch divides by norm + 1e-6, optax by the norm: 1e-6 relative; fp32 updates: 1e-6.
+  for k, v in t.items():
+    np.testing.assert_allclose(want[k], v.grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+  gates = np.concatenate([want['gate'], want['extra'][None]])
+  assert np.linalg.norm(gates) == pytest.approx(0.5, rel=1e-5)
+  # Without the gate clip, or with it before the global clip, the gates come out otherwise.
+  no_gate_clip = np.array([3.0, 4.0]) / total
+  gate_first = np.array([0.3, 0.4]) / np.sqrt(0.25 + 6 * 0.25 + 5)
+  for wrong in (no_gate_clip, gate_first):
+    assert np.abs(wrong - want['gate']).max() > 0.1
+  # The rest is clipped by the global clip only (after a gate-first clip it would be larger).
+  np.testing.assert_allclose(want['head'], np.array([1.0, -2.0]) / total, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- Adam vs torch's formula

@@ -16,10 +16,11 @@ NORM_TYPES = model_lib.blocks.FORMS.keys() | {'post_pre', 'post_pre_gpas'}
 V, D, F, L, H, T = 96, 32, 56, 3, 4, 12
 
 
-def _ref_model(norm_type: str, dtype: torch.dtype, lns_mode: str = 'init') -> torch_ref.RefModel:
+def _ref_model(norm_type: str, dtype: torch.dtype, lns_mode: str = 'init',
+               **gate_options) -> torch_ref.RefModel:
   cfg = torch_ref.RefConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
                             num_hidden_layers=L, num_attention_heads=H, norm_type=norm_type,
-                            post_num=1, lns_mode=lns_mode)
+                            post_num=1, lns_mode=lns_mode, **gate_options)
   ref = torch_ref.RefModel(cfg, seed=1).to(dtype)
   gen = torch.Generator().manual_seed(2)
   with torch.no_grad():  # nonzero gates and perturbed gains, so every path is exercised
@@ -42,7 +43,8 @@ def _torch_side(ref, ids):
   logits = ref(ids_t)
   loss = torch_ref.loss_fn(logits, ids_t)
   loss.backward()
-  grads = {k: p.grad.detach().numpy().copy() for k, p in ref.named_parameters()}
+  grads = {k: p.grad.detach().numpy().copy() for k, p in ref.named_parameters()
+           if p.requires_grad}
   return logits.detach().numpy(), loss.item(), grads
 
 
@@ -55,7 +57,10 @@ def _jax_side(model, ids):
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   grad_model = nnx.merge(graphdef, grads, rest)
-  return np.asarray(logits), float(loss), interop.to_torch_state_dict(grad_model)
+  sd = interop.to_torch_state_dict(grad_model)
+  if not model.config.gate_learnable:  # fixed gates are exported, but have no gradient
+    sd = {k: v for k, v in sd.items() if not k.endswith('gpas_block.gate')}
+  return np.asarray(logits), float(loss), sd
 
 
 def _rel(a, b) -> float:
@@ -63,12 +68,12 @@ def _rel(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def _compare(norm_type, jdtype, tdtype, tol, gate_tol, lns_mode='init'):
-  ref = _ref_model(norm_type, tdtype, lns_mode)
+def _compare(norm_type, jdtype, tdtype, tol, gate_tol, lns_mode='init', **gate_options):
+  ref = _ref_model(norm_type, tdtype, lns_mode, **gate_options)
   sd = torch_ref.state_dict_numpy(ref)
   cfg = model_lib.ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
                               num_heads=H, norm_type=norm_type, post_num=1, lns_mode=lns_mode,
-                              param_dtype=jdtype, compute_dtype=jdtype)
+                              param_dtype=jdtype, compute_dtype=jdtype, **gate_options)
   model = interop.from_torch_state_dict(sd, cfg)
   ids = _ids()
   t_logits, t_loss, t_grads = _torch_side(ref, ids)
@@ -106,6 +111,21 @@ def test_parity_float32(norm_type):
 def test_parity_lns_fixed_multiplier(norm_type):
   with jax.enable_x64(True):
     _compare(norm_type, 'float64', torch.float64, tol=1e-10, gate_tol=None, lns_mode='fixed')
+
+
+GATE_OPTIONS = {
+    'init_and_tanh': ('pre_gpas', dict(gate_init=0.6, gate_act='tanh')),
+    'fixed_gelu': ('post_pre_gpas', dict(gate_init=0.3, gate_learnable=False, gate_act='gelu')),
+    'per_sublayer_sigmoid': ('sandwich_gpas', dict(gate_per_sublayer=True, gate_act='sigmoid')),
+    'per_sublayer_deeppost': ('deeppost_gpas', dict(gate_per_sublayer=True, gate_init=-0.5)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(GATE_OPTIONS))
+def test_parity_gate_options_float64(case):
+  norm_type, options = GATE_OPTIONS[case]
+  with jax.enable_x64(True):
+    _compare(norm_type, 'float64', torch.float64, tol=1e-10, gate_tol=None, **options)
 
 
 def test_export_loads_strictly_into_the_torch_model_and_round_trips(tmp_path):

@@ -15,8 +15,10 @@ torch.set_num_threads(1)
 V, D, F, L, H, T, B, K, N = 96, 32, 56, 3, 4, 16, 8, 2, 20
 
 
-@pytest.mark.parametrize('norm_type', ['pre_gpas', 'sandwich_gpas'])
-def test_twenty_steps_match_the_pytorch_recipe(norm_type):
+# Gate clips below the gates' joint gradient norm after the global clip (pre_gpas ~5e-4,
+# sandwich_gpas ~4e-3), so the gate clip engages.
+@pytest.mark.parametrize('norm_type,gate_clip', [('pre_gpas', 3e-4), ('sandwich_gpas', 2e-3)])
+def test_twenty_steps_match_the_pytorch_recipe(norm_type, gate_clip):
   ref = torch_ref.RefModel(torch_ref.RefConfig(
       vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
       num_attention_heads=H, norm_type=norm_type, post_num=1), seed=4)
@@ -29,8 +31,12 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type):
     ids[np.arange(T)[None, :] >= lengths[:, None]] = 0  # right padding, ignored in the loss
     batches.append(ids)
   recipe = dict(lr=3e-3, warmup_steps=5, num_steps=N, micro_batches=K, grad_clip=0.5,
-                gate_clip=0.01)
-  t_losses = torch_ref.ref_train(ref, [torch.from_numpy(b) for b in batches], **recipe)
+                gate_clip=gate_clip)
+  gate_norms = []
+  t_losses = torch_ref.ref_train(ref, [torch.from_numpy(b) for b in batches], **recipe,
+                                 gate_norms=gate_norms)
+  engaged = sum(n > recipe['gate_clip'] * 1.2 for n in gate_norms)
+  assert engaged >= N // 2, gate_norms
 
   c = tiny_train_config(num_train_steps=N, **{
       'model.vocab_size': V, 'model.hidden_size': D, 'model.intermediate_size': F,
@@ -60,7 +66,10 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type):
     moved = np.abs(v - sd0[k]).max()  # Adam moves every weight by ~lr per step
     err = np.abs(ours[k] - v).max()
     worst = max(worst, err / max(moved, 1e-12))
-    np.testing.assert_allclose(ours[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+    # torch's clip_grad_norm_ divides by norm + 1e-6, optax by the norm: every clipped gate
+    # step differs by 1e-6 / gate_clip relative (3e-3 and 5e-4 here).
+    rtol = 2e-6 / gate_clip if k.endswith('gate') else 1e-4
+    np.testing.assert_allclose(ours[k], v, rtol=rtol, atol=1e-6, err_msg=k)
   gates = [k for k in theirs if k.endswith('gate')]
   assert all(abs(theirs[k]) > 1e-3 for k in gates)  # the gates trained
   print(f'{norm_type}: largest weight error / distance moved = {worst:.2e}')

@@ -166,15 +166,18 @@ def test_kill_during_async_save_resumes_from_last_complete_checkpoint(tmp_path):
                           stderr=subprocess.DEVNULL)
   ckpts = workdir / 'checkpoints'
   deadline = time.time() + 120
+  in_flight = []
   try:  # SIGKILL while a save is in flight: a temporary (uncommitted) step directory exists
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
       names = os.listdir(ckpts) if ckpts.exists() else []
       if any('tmp' in n for n in names) and any(n.isdigit() for n in names):
+        in_flight = [n for n in names if 'tmp' in n]
         break
       time.sleep(0.005)
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+  assert in_flight, 'the run was never caught with a save in flight'
   committed = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
   assert committed, os.listdir(ckpts)
   c = tiny_train_config(num_train_steps=400, checkpoint_every_steps=2)
