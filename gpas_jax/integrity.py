@@ -56,7 +56,13 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
                     for s in _SEEDS])
 
 
-_sums = jax.jit(lambda tree: jax.tree.map(_leaf_sums, tree))
+# One small program per leaf shape, dtype and sharding (layers share them), not one per tree:
+# a whole-tree program takes seconds to compile on CPU.
+_leaf_sums_jit = jax.jit(_leaf_sums)
+
+
+def _sums(tree: Any) -> Any:
+  return jax.tree.map(_leaf_sums_jit, tree)
 
 
 def path_str(path: tuple) -> str:
