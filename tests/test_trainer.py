@@ -176,7 +176,10 @@ def test_nan_skip_policy_stops_a_diverged_run(tmp_path, limit, match):
 
 def test_ctrl_c_saves_and_stops_like_sigterm(tmp_path):
   c = tiny_train_config(checkpoint_every_steps=100, **{'debug.sigint_at_step': 2})
-  result = trainer.train(c, str(tmp_path), jax.devices()[:1])
+  try:
+    result = trainer.train(c, str(tmp_path), jax.devices()[:1])
+  except KeyboardInterrupt:
+    pytest.fail('the first Ctrl-C interrupted the run instead of saving and stopping')
   assert result['preempted'] == 'SIGINT' and result['step'] == 2 and not result['finished']
   assert ckpt.make_manager(str(tmp_path), c).all_steps() == [2]
 
