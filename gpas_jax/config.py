@@ -60,7 +60,7 @@ def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> None:
 # unbounded; open ends exclude the bound. NaN fails every range.
 RANGES = (
     ('checkpoint_keep', 1, None, False, False, True, 'keep at least the latest checkpoint'),
-    ('nan_max_consecutive', 1, None, False, False, True, 'skipped updates in a row that stop a run'),
+    ('nan_max_consecutive', 1, None, False, False, True, 'skipped updates in a row stop a run'),
     ('nan_max_total', 1, None, False, False, True, 'skipped updates in all that stop a run'),
     ('seed', 0, None, False, False, True, ''),
     ('optim.lr', 0.0, None, False, False, False, ''),

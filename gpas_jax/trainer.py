@@ -21,8 +21,9 @@ from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
 from gpas_jax import steps
 from gpas_jax import workdir as workdir_lib
-from gpas_jax.faults import NonFiniteError  # pylint: disable=unused-import
 from gpas_jax.gpas import forward_scale
+
+NonFiniteError = faults.NonFiniteError  # its home is faults.py; kept here for callers
 
 
 def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
@@ -59,8 +60,8 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                   'norm_type', 'post_num', 'gate_per_sublayer', 'scan_layers')
     diff = {k: (saved.get(k), now.get(k)) for k in shape_keys if saved.get(k) != now.get(k)}
     if diff:
-      raise faults.ResumeError(f'{workdir} holds a run of another model ({diff}, saved vs now); use a new '
-                       '--workdir, or the original model settings to resume.')
+      raise faults.ResumeError(f'{workdir} holds a run of another model ({diff}, saved vs now); '
+                               'use a new --workdir, or the original model settings to resume.')
   if jax.process_index() == 0:
     _write_json(path, json.loads(config.to_json_best_effort()))
 
