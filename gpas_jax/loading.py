@@ -59,8 +59,8 @@ def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.Co
         if not ckpt.is_damage(e) or isinstance(e, CheckpointError) and step is not None:
           raise
         if step is not None:
-          raise CheckpointError(f'checkpoint step {k} at {ckpt.step_dir(manager, k)} cannot be '
-                                f'loaded: {ckpt.cause(e)}.') from e
+          raise CheckpointError(f'checkpoint step {k} at {ckpt.step_dir(manager, k)} is damaged: '
+                                f'{ckpt.cause(e)}.') from e
         logging.error('Checkpoint step %d at %s is damaged (%s); trying the previous one.', k,
                       ckpt.step_dir(manager, k), ckpt.cause(e))
         continue
