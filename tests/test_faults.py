@@ -64,7 +64,8 @@ def test_our_own_error_is_one_line_and_the_traceback_is_behind_a_flag(tmp_path):
 
 def test_sigterm_exits_75_after_its_save(tmp_path):
   workdir = tmp_path / 'run'
-  r = _train_py(f'--config={_config_file(tmp_path, checkpoint_every_steps=100)}',
+  config = _config_file(tmp_path, checkpoint_every_steps=100, eval_every_steps=100)
+  r = _train_py(f'--config={config}',
                 f'--workdir={workdir}', '--config.debug.sigterm_at_step=2',
                 '--config.checkpoint_async=True')
   assert r.returncode == faults.EXIT_PREEMPTED, r.stderr[-3000:]
@@ -88,7 +89,7 @@ def test_failed_async_save_stops_the_run_at_the_next_step_boundary(tmp_path):
   # inside the asynchronous save; the small metrics and config files still fit.
   r = subprocess.run(
       [sys.executable, '-c', _LIMITED, '100000', os.path.join(ROOT, 'train.py'),
-       f'--config={_config_file(tmp_path, num_train_steps=300, log_every_steps=1)}',
+       f'--config={_config_file(tmp_path, num_train_steps=300, eval_every_steps=1000)}',
        f'--workdir={workdir}', '--config.checkpoint_every_steps=25',
        '--config.checkpoint_async=True'],
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
