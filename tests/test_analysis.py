@@ -221,7 +221,7 @@ def _write_run(path, norm_type, seed, metrics, analysis):
 
 def test_run_cli_and_compare(tmp_path, monkeypatch):
   model = _perturbed(CFG)
-  # The trainer's checkpoint module and the data pipeline are replaced by stand-ins.
+  # The checkpoint loader and the data pipeline are replaced by stand-ins.
   from gpas_jax import loading  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (None, model))
   monkeypatch.setattr('gpas_jax.data.make_eval_batches',
