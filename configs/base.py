@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_async = True
   # What to do when the loss or a gradient is not finite: 'stop' or 'skip' (the update).
   c.nan_policy = 'stop'
+  # nan_policy='skip' stops the run (as 'stop' does) after more skipped updates than these.
+  c.nan_max_consecutive = 10
+  c.nan_max_total = 100
   # One switch to compute what the PyTorch baseline computes (gpas_jax/config.py:FAITHFUL lists
   # the fields it sets): torch's clipping and Adam arithmetic op by op, cross-entropy on the
   # compute-dtype logits, attention logits kept in float32 (torch's SDPA), N+1 updates. The
@@ -131,7 +134,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()  # test hooks; never set in a real run
   c.debug.inject_nan_step = -1  # poison this step's loss and gradients with NaN
+  c.debug.inject_nan_count = 1  # ... and the steps after it, this many in all
   c.debug.sigterm_at_step = -1  # send this process SIGTERM after this step (preemption)
+  c.debug.sigint_at_step = -1  # send this process SIGINT (Ctrl-C) after this step
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # '' -> auto-detect (TPU, SLURM) or single process.

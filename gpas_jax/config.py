@@ -106,6 +106,66 @@ def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> None:
     raise ConfigError(f'{field}={value!r} is not supported; allowed values: {", ".join(allowed)}.')
 
 
+# Every numeric field with a range: (field, lo, hi, lo_open, hi_open, integer, fix). None is
+# unbounded; open ends exclude the bound. NaN fails every range.
+RANGES = (
+    ('checkpoint_keep', 1, None, False, False, True, 'keep at least the latest checkpoint'),
+    ('nan_max_consecutive', 1, None, False, False, True, 'skipped updates in a row stop a run'),
+    ('nan_max_total', 1, None, False, False, True, 'skipped updates in all that stop a run'),
+    ('seed', 0, None, False, False, True, ''),
+    ('optim.lr', 0.0, None, False, False, False, ''),
+    ('optim.min_lr_ratio', 0.0, 1.0, False, False, False,
+     'the final lr as a fraction of the peak; below 0 the lr turns negative: gradient ascent'),
+    ('optim.b1', 0.0, 1.0, False, True, False, 'Adam decay rates are in [0, 1)'),
+    ('optim.b2', 0.0, 1.0, False, True, False, 'Adam decay rates are in [0, 1)'),
+    ('optim.eps', 0.0, None, True, False, False, 'Adam divides by sqrt(v) + eps'),
+    ('optim.weight_decay', 0.0, None, False, False, False, ''),
+    ('optim.grad_clip', 0.0, None, False, False, False, '0 disables clipping'),
+    ('optim.gate_clip', 0.0, None, False, False, False, '0 disables clipping'),
+    ('model.rms_eps', 0.0, None, True, False, False, ''),
+    ('model.rope_theta', 0.0, None, True, False, False, ''),
+    ('model.init_std', 0.0, None, True, False, False, ''),
+    ('model.embed_init_std', 0.0, None, True, False, False, ''),
+    ('model.gate_init', None, None, False, False, False, ''),
+    ('data.eval_tokens', 1, None, False, False, True, ''),
+    ('data.eval_batch_size', 1, None, False, False, True, ''),
+    ('data.worker_count', 0, None, False, False, True, '0 tokenizes in the main process'),
+    ('data.prefetch_buffer_size', 0, None, False, False, True, ''),
+    ('data.validation_percent', 0.0, 100.0, False, False, False, ''),
+    ('data.tokenizer_vocab_size', 1, None, False, False, True, ''),
+    ('data.pad_id', 0, None, False, False, True, ''),
+    ('data.eos_id', 0, None, False, False, True, ''),
+    ('mesh.dcn_data', 1, None, False, False, True, ''),
+    ('analysis.every_steps', 0, None, False, False, True, '0 disables'),
+)
+
+
+def _get(c: ml_collections.ConfigDict, field: str, default: Any = None) -> Any:
+  for part in field.split('.'):
+    if part not in c:
+      return default
+    c = c[part]
+  return c
+
+
+def check_range(value: Any, field: str, lo: Any, hi: Any, lo_open: bool = False,
+                hi_open: bool = False, integer: bool = False, fix: str = '') -> None:
+  """Raises ConfigError naming the field, its value and the allowed range."""
+  kinds = (int,) if integer else (int, float)
+  ok = isinstance(value, kinds) and not isinstance(value, bool)
+  if ok:
+    ok = value == value and abs(value) != float('inf')  # NaN and inf fail every range
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+  if not ok:
+    left = '(' if lo_open else '['
+    right = ')' if hi_open else ']'
+    span = f'{left}{"-inf" if lo is None else lo}, {"inf" if hi is None else hi}{right}'
+    kind = 'an integer' if integer else 'a finite number'
+    raise ConfigError(f'{field}={value!r} must be {kind} in {span}' + (f' ({fix})' if fix else '')
+                      + '.')
+
+
 def _positive(value: Any, field: str) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ConfigError(f'{field}={value!r} must be a positive integer.')
@@ -185,9 +245,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 0 <= c.optim.warmup_steps <= c.num_train_steps:
     raise ConfigError(f'optim.warmup_steps={c.optim.warmup_steps} is outside '
                       f'0..num_train_steps={c.num_train_steps}.')
-  for f in ('lr', 'grad_clip', 'gate_clip', 'weight_decay'):
-    if c.optim[f] < 0:
-      raise ConfigError(f'optim.{f}={c.optim[f]} must be >= 0.')
+  missing = object()
+  for row in RANGES:
+    value = _get(c, row[0], missing)
+    if value is not missing:  # configs written before a field existed
+      check_range(value, *row)
+  for a in ('data', 'fsdp', 'tensor'):
+    if c.mesh[a] != -1:
+      _positive(c.mesh[a], f'mesh.{a}')
   if sum(1 for a in ('data', 'fsdp', 'tensor') if c.mesh[a] == -1) > 1:
     raise ConfigError(f'mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tensor={c.mesh.tensor}: '
                       'at most one axis may be -1 (the rest of the devices).')

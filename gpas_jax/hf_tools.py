@@ -38,12 +38,12 @@ def evaluate_model(model: model_lib.Transformer, batches: Iterable[Any],
 
 def export_run(workdir: str, out_dir: str, step: int | None = None) -> str:
   """Writes a run's checkpoint (latest, or `step`) as a baseline-format directory."""
-  from gpas_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
   from gpas_jax.analysis import runs  # pylint: disable=import-outside-toplevel
   if step is None:
     saved = runs.checkpoint_steps(workdir)
     step = saved[-1] if saved else None
-  config, model = checkpoint.load_model(workdir, step=step)
+  config, model = loading.load_model(workdir, step=step)
   interop.save_hf_directory(model, out_dir)
   # Provenance next to the weights; HF loaders ignore unknown files.
   with open(os.path.join(out_dir, 'gpas_jax_export.json'), 'w', encoding='utf-8') as f:

@@ -124,7 +124,7 @@ def make_train_step(s: Setup) -> Callable:
   chunks = c.optim.get('loss_chunks', 1)
   packed = c.data.layout == 'packed'
   skip_bad = c.nan_policy == 'skip'
-  inject = c.debug.inject_nan_step
+  inject, inject_count = c.debug.inject_nan_step, c.debug.get('inject_nan_count', 1)
 
   def step_fn(state, batch):
     params = state['params']
@@ -137,7 +137,8 @@ def make_train_step(s: Setup) -> Callable:
     loss, grads, count = optim.accumulate_gradients(grad_fn, params, batch, c.optim.micro_batches,
                                                     aux_reduce='sum', average=False)
     if inject >= 0:  # a test hook: poison one step's loss and gradients
-      poison = jnp.where(state['step'] == inject, jnp.nan, 1.0).astype(loss.dtype)
+      hit = (state['step'] >= inject) & (state['step'] < inject + inject_count)
+      poison = jnp.where(hit, jnp.nan, 1.0).astype(loss.dtype)
       loss = loss * poison
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     grad_norm = optim.global_norm(grads)

@@ -9,7 +9,6 @@ from typing import Any
 from absl import logging
 from flax import nnx
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,42 +16,15 @@ import numpy as np
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import config as config_lib
 from gpas_jax import data as data_lib
+from gpas_jax import faults
 from gpas_jax import init_from
 from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
 from gpas_jax import steps
+from gpas_jax import workdir as workdir_lib
 from gpas_jax.gpas import forward_scale
 
-
-class NonFiniteError(FloatingPointError):
-  """The loss or a gradient was NaN or Inf; the message names the step."""
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries: save, then exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self) -> '_Preemption':
-    # Multi-host runs use jax.distributed's preemption notifier, which agrees on one step.
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    logging.warning('SIGTERM: saving a checkpoint at the next step boundary, then stopping.')
-    self.requested = True
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+NonFiniteError = faults.NonFiniteError  # its home is faults.py; kept here for callers
 
 
 def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
@@ -89,8 +61,8 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                   'norm_type', 'post_num', 'gate_per_sublayer', 'scan_layers')
     diff = {k: (saved.get(k), now.get(k)) for k in shape_keys if saved.get(k) != now.get(k)}
     if diff:
-      raise ValueError(f'{workdir} holds a run of another model ({diff}, saved vs now); use a new '
-                       '--workdir, or the original model settings to resume.')
+      raise faults.ResumeError(f'{workdir} holds a run of another model ({diff}, saved vs now); '
+                               'use a new --workdir, or the original model settings to resume.')
   if jax.process_index() == 0:
     _write_json(path, json.loads(config.to_json_best_effort()))
 
@@ -106,22 +78,40 @@ def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           devices: list | None = None) -> dict[str, Any]:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
-  t_start = time.time()
+  """Trains (resuming from the workdir's newest intact checkpoint); returns the final metrics.
+
+  Holds the workdir's lock throughout. A run that already finished returns its summary and
+  changes nothing ('already_finished'); a stop by SIGTERM or Ctrl-C returns after its save with
+  'preempted' set to the signal's name.
+  """
   config_lib.validate(config)
   data_lib.validate_data(config)
-  s = steps.setup(config, devices)
-  os.makedirs(workdir, exist_ok=True)
-  _record_config(config, workdir)
+  with workdir_lib.lock(workdir):
+    return _train(config, workdir, devices)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           devices: list | None = None) -> dict[str, Any]:
+  t_start = time.time()
   total = config_lib.total_updates(config)
+  summary = workdir_lib.finished_summary(workdir, total)
+  if summary is not None:
+    logging.warning('%s already finished %d steps; nothing to do (raise num_train_steps to train '
+                    'further, or use a new --workdir).', workdir, summary['step'])
+    return {'step': summary['step'], 'finished': True, 'already_finished': True,
+            **{k: summary[k] for k in ('eval_loss', 'eval_ppl', 'eval_loss_baseline',
+                                       'eval_ppl_baseline') if summary.get(k) is not None}}
+  s = steps.setup(config, devices)
   train_iter = data_lib.make_train_iterator(config)
   eval_batches = data_lib.make_eval_batches(config)
   if eval_batches is None:
     logging.info('No eval set (data.source=tokens without data.eval_tokens_path): eval skipped.')
   manager = ckpt.make_manager(workdir, config)
-  latest = manager.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(manager, latest, s.abstract_state, train_iter)
+  check = workdir_lib.resume_check(config, workdir, s.abstract_state,
+                                   train_iter.get_state().get('meta'), total)
+  restored = ckpt.restore_latest_intact(manager, s.abstract_state, train_iter, workdir, check)
+  if restored is not None:
+    state, latest = restored
     logging.info('Resumed from %s at step %d.', ckpt.checkpoint_dir(workdir), latest)
   elif config.get('init_from'):
     params = init_from.load_params(config.init_from, s.model_config)
@@ -129,6 +119,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Initialised from %s (fresh optimizer).', config.init_from)
   else:
     state = steps.init_state(s)
+  _record_config(config, workdir)  # only now: a refused resume leaves config.json as it was
+  if jax.process_index() == 0:
+    for name in ('metrics.jsonl', 'analysis.jsonl'):
+      workdir_lib.repair_jsonl(os.path.join(workdir, name))
   start = int(jax.device_get(state['step']))
   train_step, eval_step = steps.make_train_step(s), steps.make_eval_step(s)
   grad_step = steps.make_grad_step(s) if config.analysis.every_steps else None
@@ -140,31 +134,32 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   peak, num_devices = _peak_flops(config), s.mesh.size
   meta = {'process_count': jax.process_count(), 'mesh': dict(s.mesh.shape)}
   final: dict[str, Any] = {}
-  skipped = 0
+  saver = ckpt.Saver(manager)
+
+  def last_good() -> str:
+    saver.wait()
+    latest = manager.latest_step()
+    if latest is None:
+      return (f'No checkpoint was saved before it (checkpoint_every_steps='
+              f'{config.checkpoint_every_steps}).')
+    return f'The last good checkpoint is step {latest} in {ckpt.checkpoint_dir(workdir)}.'
+
+  guard = faults.NanGuard(config.nan_policy, config.get('nan_max_consecutive', 10),
+                          config.get('nan_max_total', 100), last_good)
 
   def check(step: int, m: dict) -> None:
-    nonlocal skipped
-    if bool(jax.device_get(m['finite'])):
-      return
-    if config.nan_policy == 'skip':
-      skipped += 1
-      logging.warning('Step %d: non-finite loss or gradient; the update was skipped.', step)
-      return
-    manager.wait_until_finished()
-    raise NonFiniteError(
-        f'step {step}: the loss ({float(m["loss"])}) or the gradient norm '
-        f'({float(m["grad_norm"])}) is not finite. The last good checkpoint is step '
-        f'{manager.latest_step()} in {ckpt.checkpoint_dir(workdir)}. Lower optim.lr, add '
-        'optim.grad_clip, or set nan_policy=skip to skip such updates.')
+    guard.observe(step, bool(jax.device_get(m['finite'])), lambda: float(m['loss']),
+                  lambda: float(m['grad_norm']))
 
   def save(step: int) -> None:
-    ckpt.save(manager, step, state, train_iter, meta)
+    saver.save(step, state, train_iter, meta)
 
   t_log, steps_since_log, pending = time.time(), 0, None
-  with _Preemption() as preemption:
+  with faults.StopSignals(jax.process_count()) as preemption:
     for step in range(start, total):
       batch = steps.global_batch(s, next(train_iter))
       state, m = train_step(state, batch)
+      saver.poll()  # a failed asynchronous save stops the run here, not one interval later
       if pending is not None:  # one step behind, so the host does not stall the device
         check(*pending)
       pending = (step + 1, m)
@@ -180,8 +175,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if peak:
           scalars['mfu'] = metrics_lib.mfu(flops, step_time, peak, num_devices)
         scalars['eta_s'] = step_time * (total - done)
-        if skipped:
-          scalars['skipped_steps'] = skipped
+        if guard.skipped:
+          scalars['skipped_steps'] = guard.skipped
         scalars.update(gate_scalars(s, state['params']))
         writer.write_scalars(done, scalars)
         t_log, steps_since_log = time.time(), 0
@@ -190,20 +185,25 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         analyse(s, grad_step, state['params'], batch, done, workdir)
       if eval_batches is not None and (done % config.eval_every_steps == 0 or done == total):
         final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
-      if done == config.debug.sigterm_at_step:  # a test hook
+      if done == config.debug.sigterm_at_step:  # test hooks
         os.kill(os.getpid(), signal.SIGTERM)
+      if done == config.debug.get('sigint_at_step', -1):
+        os.kill(os.getpid(), signal.SIGINT)
       stop = preemption.reached(done)
       if done % config.checkpoint_every_steps == 0 or done == total or stop:
         check(*pending)
         save(done)
       if stop:
-        logging.warning('Preempted: checkpoint saved at step %d; rerun the same command to resume.',
-                        done)
+        saver.wait()
+        logging.warning('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
+                        'resume.', preemption.requested, done)
         break
-  manager.wait_until_finished()
+  saver.wait()
   manager.close()
-  writer.close()
   finished = int(jax.device_get(state['step'])) >= total
+  if finished and not final and eval_batches is not None:  # resumed at the last step: eval it
+    final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, total)
+  writer.close()
   if finished and jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'summary.json'), {
         'step': total, 'eval_loss': final.get('eval_loss'), 'eval_ppl': final.get('eval_ppl'),
@@ -211,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         'eval_ppl_baseline': final.get('eval_ppl_baseline'),
         'wall_s': time.time() - t_start, 'finished': True})
   return {'step': int(jax.device_get(state['step'])), 'finished': finished, **final,
-          'state': state}
+          'preempted': None if finished else preemption.requested, 'state': state}
 
 
 def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -> None:

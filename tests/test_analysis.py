@@ -221,9 +221,9 @@ def _write_run(path, norm_type, seed, metrics, analysis):
 
 def test_run_cli_and_compare(tmp_path, monkeypatch):
   model = _perturbed(CFG)
-  # The trainer's checkpoint module and the data pipeline are replaced by stand-ins.
-  from gpas_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(checkpoint, 'load_model', lambda workdir, step=None: (None, model))
+  # The checkpoint loader and the data pipeline are replaced by stand-ins.
+  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (None, model))
   monkeypatch.setattr('gpas_jax.data.make_eval_batches',
                       lambda c: iter([{'input_ids': b, 'segment_ids': np.ones_like(b)}
                                       for b in (IDS, IDS[::-1].copy())]))

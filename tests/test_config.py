@@ -58,3 +58,77 @@ def test_odd_head_dim_is_rejected_before_building():
   c.model.hidden_size, c.model.num_heads = 24, 8  # head dim 3
   with pytest.raises(config_lib.ConfigError, match='= 3 is odd'):
     model_lib.create_model(c.model)
+
+
+# Every numeric field that can be out of range, written out here (not read from config.RANGES,
+# so a row dropped from the table fails): (field, bad value, words the message must contain).
+BAD_NUMBERS = [
+    ('optim.min_lr_ratio', -1.0, r'optim.min_lr_ratio=-1.0 must be .* in \[0.0, 1.0\].*ascent'),
+    ('optim.min_lr_ratio', 1.5, r'in \[0.0, 1.0\]'),
+    ('checkpoint_keep', 0, r'checkpoint_keep=0 must be an integer in \[1, inf\]'),
+    ('checkpoint_keep', -1, r'checkpoint_keep=-1 must be an integer'),
+    ('nan_max_consecutive', 0, r'nan_max_consecutive=0'),
+    ('nan_max_total', 0, r'nan_max_total=0'),
+    ('seed', -1, r'seed=-1'),
+    ('optim.lr', -1e-3, r'optim.lr=-0.001'),
+    ('optim.lr', float('nan'), r'optim.lr=nan must be a finite number'),
+    ('optim.b1', 1.0, r'optim.b1=1.0 must be .* in \[0.0, 1.0\)'),
+    ('optim.b2', -0.1, r'optim.b2=-0.1'),
+    ('optim.eps', 0.0, r'optim.eps=0.0 must be .* in \(0.0, inf\]'),
+    ('optim.weight_decay', -0.1, r'optim.weight_decay=-0.1'),
+    ('optim.grad_clip', -1.0, r'optim.grad_clip=-1.0'),
+    ('optim.gate_clip', float('inf'), r'optim.gate_clip=inf'),
+    ('model.rms_eps', 0.0, r'model.rms_eps=0.0'),
+    ('model.rope_theta', -1.0, r'model.rope_theta=-1.0'),
+    ('model.init_std', 0.0, r'model.init_std=0.0'),
+    ('model.embed_init_std', -0.1, r'model.embed_init_std=-0.1'),
+    ('model.gate_init', float('nan'), r'model.gate_init=nan'),
+    ('data.eval_tokens', 0, r'data.eval_tokens=0'),
+    ('data.eval_batch_size', 0, r'data.eval_batch_size=0'),
+    ('data.worker_count', -1, r'data.worker_count=-1'),
+    ('data.prefetch_buffer_size', -1, r'data.prefetch_buffer_size=-1'),
+    ('data.validation_percent', 101.0, r'data.validation_percent=101.0'),
+    ('data.tokenizer_vocab_size', 0, r'data.tokenizer_vocab_size=0'),
+    ('mesh.dcn_data', 0, r'mesh.dcn_data=0'),
+    ('mesh.fsdp', 0, r'mesh.fsdp=0 must be a positive integer'),
+    ('analysis.every_steps', -1, r'analysis.every_steps=-1'),
+    ('num_train_steps', 0, r'num_train_steps=0 must be a positive integer'),
+    ('optim.warmup_steps', -1, r'optim.warmup_steps=-1 is outside'),
+]
+
+
+def _set(c, field, value):
+  *parents, leaf = field.split('.')
+  for p in parents:
+    c = c[p]
+  c[leaf] = value
+
+
+@pytest.mark.parametrize('field,value,message', BAD_NUMBERS,
+                         ids=[f'{b[0]}={b[1]}' for b in BAD_NUMBERS])
+def test_out_of_range_number_is_rejected_naming_field_and_range(field, value, message):
+  c = base.get_config()
+  _set(c, field, value)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize('row', config_lib.RANGES, ids=[r[0] for r in config_lib.RANGES])
+def test_range_bounds_are_inclusive_or_open_as_the_table_says(row):
+  field, lo, hi, lo_open, hi_open, integer = row[:6]
+  step = 1 if integer else 1e-6
+  for bound, is_open, inside in ((lo, lo_open, +step), (hi, hi_open, -step)):
+    if bound is None:
+      continue
+    c = base.get_config()
+    _set(c, field, bound if integer else float(bound))
+    if is_open:
+      with pytest.raises(config_lib.ConfigError, match=field):
+        config_lib.validate(c)
+    else:
+      config_lib.validate(c)
+    _set(c, field, bound + inside if integer else float(bound) + inside)
+    config_lib.validate(c)
+    _set(c, field, bound - inside if integer else float(bound) - inside)
+    with pytest.raises(config_lib.ConfigError, match=field):
+      config_lib.validate(c)

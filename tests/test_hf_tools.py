@@ -59,8 +59,8 @@ def test_export_run_and_evaluate_hf_directory(tmp_path, monkeypatch):
       'model': {'vocab_size': 4096, 'hidden_size': 128, 'intermediate_size': 352,
                 'num_layers': 4, 'num_heads': 4, 'norm_type': 'pre', 'post_num': 1},
       'data': {'pad_id': 0, 'layout': 'padded'}})
-  from gpas_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(checkpoint, 'load_model', lambda workdir, step=None: (config, model))
+  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (config, model))
   out = hf_tools.export_run(str(tmp_path / 'run'), str(tmp_path / 'hf'), step=5)
   assert sorted(os.listdir(out)) == ['config.json', 'gpas_jax_export.json', 'model.safetensors']
   with open(os.path.join(out, 'gpas_jax_export.json')) as f:

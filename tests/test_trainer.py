@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpas_jax import checkpoint as ckpt
+from gpas_jax import loading
 from gpas_jax import sharding
 from gpas_jax import trainer
 from tests.helpers import tiny_train_config
@@ -41,7 +42,7 @@ def test_loss_falls_on_the_tiny_config(tmp_path):
   assert [r['step'] for r in records] == [1, 10, 20, 30]
   assert len(records[-1]['act_var']) == 3 and len(records[-1]['grad_norm']) == 2
   assert records[0]['gate'] == [0.0, 0.0] and records[-1]['gate'] != [0.0, 0.0]
-  _, model = ckpt.load_model(str(tmp_path))  # the checkpoint loads back as a model
+  _, model = loading.load_model(str(tmp_path))  # the checkpoint loads back as a model
   np.testing.assert_array_equal(np.asarray(model.lm_head[...]),
                                 np.asarray(result['state']['params']['lm_head']))
 
@@ -122,13 +123,65 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert manager.all_steps() == [3]
 
 
-def test_nan_skip_policy_skips_the_update(tmp_path):
+def test_nan_before_the_first_checkpoint_says_so(tmp_path):
+  c = tiny_train_config(**{'debug.inject_nan_step': 0})
+  with pytest.raises(trainer.NonFiniteError,
+                     match=r'step 1:.*No checkpoint was saved before it \(checkpoint_every_'):
+    trainer.train(c, str(tmp_path), jax.devices()[:1])
+
+
+def test_nan_skip_policy_skips_the_update_and_counts_it_once(tmp_path):
   c = tiny_train_config(nan_policy='skip', **{'debug.inject_nan_step': 2})
   result = trainer.train(c, str(tmp_path), jax.devices()[:1])
   assert result['finished']
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_params(result)))
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl', encoding='utf-8')]
-  assert any(r.get('skipped_steps') == 1 for r in records)
+  # Logged every step and checked at the log and the save too: one skipped update is one.
+  assert [r.get('skipped_steps', 0) for r in records if 'loss' in r] == [0, 0, 1, 1, 1, 1]
+
+
+def test_a_skipped_update_leaves_parameters_and_optimizer_state_bit_identical():
+  from gpas_jax import data as data_lib
+  from gpas_jax import steps
+  c = tiny_train_config(nan_policy='skip', **{'debug.inject_nan_step': 1})
+  s = steps.setup(c, jax.devices()[:1])
+  train_step = steps.make_train_step(s)
+  batches = data_lib.make_train_iterator(c)
+  state, m = train_step(steps.init_state(s), steps.global_batch(s, next(batches)))
+  assert bool(m['finite'])
+  before = jax.tree.map(np.asarray, jax.device_get(state))  # the state is donated below
+  state, m = train_step(state, steps.global_batch(s, next(batches)))
+  assert not bool(m['finite'])
+  after = jax.tree.map(np.asarray, jax.device_get(state))
+  assert int(after['step']) == 2
+  for key in ('params', 'opt_state'):
+    for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])):
+      assert a.tobytes() == b.tobytes()
+  state, m = train_step(state, steps.global_batch(s, next(batches)))  # the next one updates
+  assert bool(m['finite']) and not np.array_equal(
+      np.asarray(state['params']['lm_head']), before['params']['lm_head'])
+
+
+@pytest.mark.parametrize('limit,match', [
+    ({'nan_max_consecutive': 2}, r'step 4:.*3 updates in a row were skipped \(nan_max_consecu'),
+    ({'nan_max_total': 1}, r'step 3:.*2 updates were skipped in all \(nan_max_total=1'),
+])
+def test_nan_skip_policy_stops_a_diverged_run(tmp_path, limit, match):
+  c = tiny_train_config(nan_policy='skip', num_train_steps=12, checkpoint_every_steps=2,
+                        **{'debug.inject_nan_step': 1, 'debug.inject_nan_count': 100}, **limit)
+  with pytest.raises(trainer.NonFiniteError, match=match + r'.*last good checkpoint is step 2'):
+    trainer.train(c, str(tmp_path), jax.devices()[:1])
+  assert not os.path.exists(tmp_path / 'summary.json')  # not reported as a finished run
+
+
+def test_ctrl_c_saves_and_stops_like_sigterm(tmp_path):
+  c = tiny_train_config(checkpoint_every_steps=100, **{'debug.sigint_at_step': 2})
+  try:
+    result = trainer.train(c, str(tmp_path), jax.devices()[:1])
+  except KeyboardInterrupt:
+    pytest.fail('the first Ctrl-C interrupted the run instead of saving and stopping')
+  assert result['preempted'] == 'SIGINT' and result['step'] == 2 and not result['finished']
+  assert ckpt.make_manager(str(tmp_path), c).all_steps() == [2]
 
 
 def test_unusable_mesh_is_rejected_before_compiling(tmp_path):
