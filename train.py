@@ -4,7 +4,6 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -17,8 +16,9 @@ _WORKDIR = flags.DEFINE_string('workdir', 'workdir/default',
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
   # Imported here so that --help is fast and distributed init precedes any jax use.
+  from gpas_jax import console  # pylint: disable=import-outside-toplevel
+  console.quiet_logs()  # third-party INFO (Orbax, TFDS) only with --verbosity=0
   from gpas_jax import distributed  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   distributed.maybe_initialize(config)

@@ -16,6 +16,7 @@ import numpy as np
 
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import config as config_lib
+from gpas_jax import console
 from gpas_jax import data as data_lib
 from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
@@ -117,12 +118,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   eval_batches = data_lib.make_eval_batches(config)
   manager = ckpt.make_manager(workdir, config)
   latest = manager.latest_step()
+  resumed_from = None
   if latest is not None:
     state, _ = ckpt.restore(manager, latest, s.abstract_state, train_iter)
-    logging.info('Resumed from %s at step %d.', ckpt.checkpoint_dir(workdir), latest)
+    resumed_from = f'step {latest} ({ckpt.checkpoint_dir(workdir)})'
   else:
     state = steps.init_state(s)
   start = int(jax.device_get(state['step']))
+  console.say(console.run_header(config, s.mesh, s.abstract_state['params'], workdir,
+                                 resumed_from, total))
+  if start >= total:
+    manager.close()
+    return _already_finished(workdir, state, total)
   train_step, eval_step = steps.make_train_step(s), steps.make_eval_step(s)
   grad_step = steps.make_grad_step(s) if config.analysis.every_steps else None
   writer = metrics_lib.MetricWriter.from_config(config, workdir)
@@ -153,42 +160,57 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   def save(step: int) -> None:
     ckpt.save(manager, step, state, train_iter, meta)
 
-  t_log, steps_since_log, pending = time.time(), 0, None
+  window, pending = console.StepWindow(), None
   with _Preemption() as preemption:
     for step in range(start, total):
       batch = steps.global_batch(s, next(train_iter))
-      state, m = train_step(state, batch)
+      if step == start:  # the first call compiles: time it apart from the step times
+        with console.timed(f'compiling the train step (and running step {start + 1})'):
+          state, m = train_step(state, batch)
+          jax.block_until_ready(m)
+        window.reset()
+        window.add(m['loss'], timed=False)
+      else:
+        state, m = train_step(state, batch)
+        window.add(m['loss'])
       if pending is not None:  # one step behind, so the host does not stall the device
         check(*pending)
       pending = (step + 1, m)
       done = step + 1
-      steps_since_log += 1
       if done % config.log_every_steps == 0 or done == total:
         check(*pending)
-        dt = time.time() - t_log
-        step_time = dt / steps_since_log
-        scalars = {k: float(jax.device_get(m[k])) for k in ('loss', 'grad_norm', 'lr')}
-        scalars['tokens_per_s'] = tokens_per_step / step_time
-        scalars['step_time_s'] = step_time
-        if peak:
-          scalars['mfu'] = metrics_lib.mfu(flops, step_time, peak, num_devices)
-        scalars['eta_s'] = step_time * (total - done)
+        # loss: the mean over the steps since the last log line, not the last batch alone.
+        scalars = {'loss': window.mean_loss(),
+                   **{k: float(jax.device_get(m[k])) for k in ('grad_norm', 'lr')}}
+        if window.steps:  # none when the window held only the compiling step
+          step_time = window.step_time()
+          scalars['tokens_per_s'] = tokens_per_step / step_time
+          scalars['step_time_s'] = step_time
+          if peak:
+            scalars['mfu'] = metrics_lib.mfu(flops, step_time, peak, num_devices)
+          scalars['eta_s'] = step_time * (total - done)
         if skipped:
           scalars['skipped_steps'] = skipped
         scalars.update(gate_scalars(s, state['params']))
         writer.write_scalars(done, scalars)
-        t_log, steps_since_log = time.time(), 0
+        window.reset()
       every = config.analysis.every_steps
       if every and (done % every == 0 or done == 1):
-        analyse(s, grad_step, state['params'], batch, done, workdir)
+        jax.block_until_ready(state['params'])  # queued steps count as train time
+        with window.excluded():
+          analyse(s, grad_step, state['params'], batch, done, workdir)
       if done % config.eval_every_steps == 0 or done == total:
-        final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
+        jax.block_until_ready(state['params'])
+        with window.excluded():
+          final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
       if done == config.debug.sigterm_at_step:  # a test hook
         os.kill(os.getpid(), signal.SIGTERM)
       stop = preemption.reached(done)
       if done % config.checkpoint_every_steps == 0 or done == total or stop:
         check(*pending)
-        save(done)
+        jax.block_until_ready(state['params'])
+        with window.excluded():
+          save(done)
       if stop:
         logging.warning('Preempted: checkpoint saved at step %d; rerun the same command to resume.',
                         done)
@@ -203,6 +225,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         'wall_s': time.time() - t_start, 'finished': True})
   return {'step': int(jax.device_get(state['step'])), 'finished': finished, **final,
           'state': state}
+
+
+def _already_finished(workdir: str, state: Any, total: int) -> dict[str, Any]:
+  """A rerun of a finished run trains nothing; it says so and returns the recorded results."""
+  summary = {}
+  path = os.path.join(workdir, 'summary.json')
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      summary = json.load(f)
+  final = {k: summary[k] for k in ('eval_loss', 'eval_ppl') if summary.get(k) is not None}
+  console.say(f'{workdir} holds a finished run (step {total} of {total}): nothing to train. '
+              'Use a new --workdir, or raise num_train_steps to train on.')
+  return {'step': total, 'finished': True, **final, 'state': state}
 
 
 def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -> None:
@@ -220,7 +255,11 @@ def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -
 def evaluate_and_log(s: steps.Setup, eval_step, params, eval_batches, writer, step: int) -> dict:
   """Runs the eval budget and writes eval_loss and eval_ppl."""
   t = time.time()
-  result = steps.evaluate(s, eval_step, params, iter(eval_batches))
+  tokens = s.config.data.eval_tokens
+  batches = console.progress(iter(eval_batches), f'step {step} eval', total=tokens,
+                             count=lambda b: jax.process_count() * int(np.count_nonzero(
+                                 b['segment_ids'])), unit='tokens')
+  result = steps.evaluate(s, eval_step, params, batches)
   result['eval_time_s'] = time.time() - t
   writer.write_scalars(step, result)
   return result
