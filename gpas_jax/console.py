@@ -61,7 +61,7 @@ def format_count(n: float) -> str:
 def timed(what: str, stream: TextIO | None = None) -> Iterator[None]:
   """Prints 'what ...' now and 'done in N s' when the block ends (or 'failed after N s')."""
   global _open_line
-  say(f'{what} ...', stream, end=' ')
+  say(f'{what} ...', stream, end='')
   start = time.perf_counter()
   ok = False
   try:
@@ -71,7 +71,7 @@ def timed(what: str, stream: TextIO | None = None) -> Iterator[None]:
     same_line = _open_line
     _open_line = False  # The closing words go on the open line, or repeat what they close.
     result = 'done' if ok else 'failed'
-    say(f'{"" if same_line else what + ": "}{result} in {time.perf_counter() - start:.1f} s',
+    say(f'{" " if same_line else what + ": "}{result} in {time.perf_counter() - start:.1f} s',
         stream)
 
 

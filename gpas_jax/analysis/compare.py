@@ -82,14 +82,14 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
         {f'{l} (seed {first_seed[l]})': recs for l, recs in heatmap_runs.items()},
         os.path.join(out_dir, 'act_var_heatmaps.png'),
         title='Residual-stream variance after each layer (one colour scale)'))
-  importances, no_importance = {}, []
-  for l, rs in groups.items():
-    for r in rs:
-      imp = runs_lib.read_json(os.path.join(r.path, 'analysis', 'importance.json'))
-      if imp:
-        importances.setdefault(l, []).append(imp['importance'])
-      else:
-        no_importance.append(r.path)
+  importances, no_importance = {l: [] for l in groups}, []
+  for l, r in zip(labels, runs):
+    imp = runs_lib.read_json(os.path.join(r.path, 'analysis', 'importance.json'))
+    if imp:
+      importances[l].append(imp['importance'])
+    else:
+      no_importance.append(r.path)
+  importances = {l: v for l, v in importances.items() if v}
   _report_missing('layer importance', no_importance,
                   ' (no analysis/importance.json: run `python -m gpas_jax.analysis --workdir RUN`)')
   if importances:
