@@ -35,7 +35,7 @@ SIZES = {
     '7b': (4096, 11008, 32, 32, 32000),
 }
 
-# The paper's recipe (GPAS.md section 4); batch is the global batch in sequences of 256 tokens.
+# The paper's training recipe per size; batch is the global batch in sequences of 256 tokens.
 RECIPES = {
     '71m': dict(lr=1e-3, steps=10_000, warmup=1_000, batch=512, grad_clip=0.0, gate_clip=0.0),
     '130m': dict(lr=1e-3, steps=20_000, warmup=2_000, batch=512, grad_clip=0.0, gate_clip=0.0),

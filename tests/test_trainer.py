@@ -197,8 +197,8 @@ def test_console_and_windowed_loss(tmp_path, capsys):
   per_step, windowed = _losses(str(tmp_path / 'a')), _losses(str(tmp_path / 'b'))
   assert sorted(windowed) == [3, 6]
   for end in (3, 6):
-    np.testing.assert_allclose(windowed[end], np.mean([per_step[s] for s in range(end - 2, end + 1)]),
-                               rtol=1e-6)
+    window = [per_step[s] for s in range(end - 2, end + 1)]
+    np.testing.assert_allclose(windowed[end], np.mean(window), rtol=1e-6)
   # The start-up block, compile timing apart, then step lines.
   n_params = sum(x.size for x in jax.tree.leaves(_params(result)))
   assert f'parameters    {n_params / 1e3:.3g}k ({n_params:,}, ' in out, out

@@ -1,4 +1,4 @@
-"""The paper's table (GPAS.md section 5): 71m..1b x four architectures with and without GPAS."""
+"""The paper's results table: 71m..1b x four architectures with and without GPAS."""
 
 import ml_collections
 

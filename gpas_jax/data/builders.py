@@ -184,7 +184,8 @@ class GpasTextFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, files, validation, forced):
     split = 'validation' if validation else 'train'
-    docs = console.progress(self._documents(files, validation), f'  {split} split', unit='documents')
+    docs = console.progress(self._documents(files, validation), f'  {split} split',
+                            unit='documents')
     for key, is_validation, text in docs:
       if (is_validation or key == forced) == validation:
         yield key, {'text': text}
