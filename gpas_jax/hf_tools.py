@@ -79,6 +79,7 @@ def evaluate_hf_directory(hf_dir: str, config: ml_collections.ConfigDict,
     batches = itertools.islice(batches, max_batches)
   from gpas_jax.analysis import stats  # pylint: disable=import-outside-toplevel
   batches = stats.model_batches(batches, packed=config.data.layout == 'packed')
+  batches = console.progress(batches, f'eval of {hf_dir}', unit='batches')
   return evaluate_model(model, batches, pad_id=config.data.pad_id)
 
 
