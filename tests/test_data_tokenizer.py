@@ -76,6 +76,9 @@ def test_cli_help_and_training_on_a_text_folder(tmp_path, capsys):
   printed = capsys.readouterr().out
   # 29 of the 30 files land in 'train' (one is validation), 3 lines each.
   assert 'read 87 lines' in printed and f'Wrote {model}' in printed, printed
+  # The offline build says what it builds, not TFDS's 'Downloading and preparing dataset'.
+  assert f'building the text folder {folder} into ' in printed
+  assert 'Downloading' not in printed and 'downloaded' not in printed
   assert cli('--output', str(model), '--source', 'text_folder', '--text_dir',
              str(tmp_path / 'missing')) == 2
 

@@ -64,7 +64,7 @@ def locked(lock_path: pathlib.Path) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(data_dir: pathlib.Path, what: str, **builder_kwargs) -> pathlib.Path:
+def _build(data_dir: pathlib.Path, what: str = 'a dataset', **builder_kwargs) -> pathlib.Path:
   with locked(data_dir.with_name(data_dir.name + '.lock')), _tfds_quiet():
     builder = builders.GpasTextFolder(data_dir=str(data_dir), file_format='array_record',
                                       **builder_kwargs)
@@ -76,7 +76,8 @@ def _build(data_dir: pathlib.Path, what: str, **builder_kwargs) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _tfds_quiet() -> Iterator[None]:
-  """TFDS's progress bars and INFO lines, unless --verbosity asks (GpasTextFolder reports)."""
+  """Silences TFDS's progress bars and log lines for a build (it reports itself), unless
+  --verbosity asks for them."""
   if console.verbose():
     yield
     return
@@ -99,7 +100,7 @@ def prepare_embedded(cache: pathlib.Path) -> pathlib.Path:
   text_dir = cache / 'corpus' / tag
   with locked(cache / 'corpus' / f'{tag}.lock'):
     corpus.write_embedded_corpus(text_dir)
-  return _build(data_dir, 'the embedded corpus', text_dir=str(text_dir), text_field='text',
+  return _build(data_dir, what='the embedded corpus', text_dir=str(text_dir), text_field='text',
                 validation_percent=EMBEDDED_VALIDATION_PERCENT)
 
 
@@ -122,7 +123,7 @@ def prepare_text_folder(cache: pathlib.Path, text_dir: str, text_field: str,
   data_dir = cache / 'tfds' / f'text_folder-{fp}'
   if (data_dir / _BUILDER_DIR / 'dataset_info.json').exists():
     return data_dir / _BUILDER_DIR
-  return _build(data_dir, f'the text folder {text_dir}', text_dir=text_dir,
+  return _build(data_dir, what=f'the text folder {text_dir}', text_dir=text_dir,
                 text_field=text_field, validation_percent=validation_percent,
                 validation_glob=validation_glob)
 
