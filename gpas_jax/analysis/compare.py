@@ -52,6 +52,8 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
   if labels and len(labels) != len(runs):
     raise ValueError(f'{len(labels)} labels for {len(runs)} runs; give one label per run.')
   labels = list(labels) if labels else _labels(runs)
+  if not any(labels.count(l) > 1 for l in labels):  # one run per line: say which seed it is
+    labels = [f'{l} (seed {r.seed})' for l, r in zip(labels, runs)]
   os.makedirs(out_dir, exist_ok=True)
   groups = _grouped(labels, runs)
   written = [plots.loss_curves_plot(
@@ -77,9 +79,9 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
           embedding=embedding))
   heatmap_runs = {l: analyses[rs[0].path] for l, rs in groups.items() if analyses[rs[0].path]}
   if len(heatmap_runs) > 1:
-    first_seed = {l: rs[0].seed for l, rs in groups.items()}
     written.append(plots.activation_variance_heatmaps(
-        {f'{l} (seed {first_seed[l]})': recs for l, recs in heatmap_runs.items()},
+        {l if '(seed ' in l else f'{l} (seed {groups[l][0].seed})': recs
+         for l, recs in heatmap_runs.items()},
         os.path.join(out_dir, 'act_var_heatmaps.png'),
         title='Residual-stream variance after each layer (one colour scale)'))
   importances, no_importance = {l: [] for l in groups}, []

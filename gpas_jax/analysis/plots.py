@@ -97,7 +97,7 @@ def variance_range(record_sets: Sequence[Sequence[Mapping[str, Any]]]) -> tuple[
   return float(finite.min()), float(finite.max())
 
 
-def _heatmap(ax: Any, records: Sequence[Mapping[str, Any]], norm: Any) -> Any:
+def _heatmap(ax: Any, records: Sequence[Mapping[str, Any]], norm: Any, label: str = '') -> Any:
   """Layers 1..L (rows) x analysis samples (equal-width columns, labelled by their step)."""
   steps_S, var_SxK = _matrix(records, 'act_var')
   layers_SxL = var_SxK[:, 1:]  # the embedding row would set the colour scale on its own
@@ -112,8 +112,8 @@ def _heatmap(ax: Any, records: Sequence[Mapping[str, Any]], norm: Any) -> Any:
   ax.set_xlabel('training step (one column per analysis sample)')
   ax.set_ylabel('after layer')
   emb = var_SxK[:, 0]
-  ax.set_title(f'embedding output (not drawn): {np.nanmin(emb):.3g}..{np.nanmax(emb):.3g}',
-               fontsize='small', loc='left')
+  note = f'embedding output (not drawn): {np.nanmin(emb):.3g}..{np.nanmax(emb):.3g}'
+  ax.set_title(f'{label}\n{note}' if label else note, fontsize='small')
   return mesh
 
 
@@ -145,8 +145,7 @@ def activation_variance_heatmaps(runs: Mapping[str, Sequence[Mapping[str, Any]]]
   fig, axes = _figure(ncols=len(runs), width=5.0)
   mesh = None
   for ax, (label, records) in zip(axes, runs.items()):
-    mesh = _heatmap(ax, records, norm)
-    ax.set_title(label, loc='right')
+    mesh = _heatmap(ax, records, norm, label)
   fig.colorbar(mesh, ax=list(axes), label='variance over the hidden dim (one scale for all)')
   fig.suptitle(title)
   return _save(fig, path)
