@@ -10,7 +10,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from gpas_jax import faults
@@ -52,10 +51,11 @@ def _load_config():
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  # Imported here so that --help is fast and distributed init precedes any jax use.
+  from gpas_jax import console  # pylint: disable=import-outside-toplevel
+  console.quiet_logs()  # third-party INFO (Orbax, TFDS) only with --verbosity=0
   config = _load_config()
   with faults.readable_errors(_TRACEBACK.value):
-    # Imported here so that --help is fast and distributed init precedes any jax use.
     from gpas_jax import distributed  # pylint: disable=import-outside-toplevel
     distributed.maybe_initialize(config)
     from gpas_jax import trainer  # pylint: disable=import-outside-toplevel

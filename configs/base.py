@@ -146,7 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def with_size(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """Sets the model dims of a named baseline size (GPAS.md section 3) and its Mix-LN post_num."""
+  """Sets the model dims of a baseline size (gpas_jax.config.SIZES) and its Mix-LN post_num."""
   from gpas_jax import config as gconfig  # pylint: disable=import-outside-toplevel
   hidden, ffn, layers, heads, vocab = gconfig.SIZES[name]
   c.size_name = name
@@ -160,7 +160,7 @@ def with_size(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
 
 
 def with_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """Sets the paper's training recipe for a size (GPAS.md section 4), if the paper gives one."""
+  """Sets the paper's training recipe of a size (gpas_jax.config.RECIPES)."""
   from gpas_jax import config as gconfig  # pylint: disable=import-outside-toplevel
   r = gconfig.RECIPES[name]
   c.optim.lr = r['lr']

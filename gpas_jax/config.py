@@ -35,7 +35,7 @@ SIZES = {
     '7b': (4096, 11008, 32, 32, 32000),
 }
 
-# The paper's recipe (GPAS.md section 4); batch is the global batch in sequences of 256 tokens.
+# The paper's training recipe per size; batch is the global batch in sequences of 256 tokens.
 # loss_chunks: the baseline's GPUs x accumulation steps, each a token mean of batch/loss_chunks
 # sequences (its per-GPU batch).
 RECIPES = {

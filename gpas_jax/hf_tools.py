@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from gpas_jax import console
 from gpas_jax import interop
 from gpas_jax import model as model_lib
 
@@ -78,6 +79,7 @@ def evaluate_hf_directory(hf_dir: str, config: ml_collections.ConfigDict,
     batches = itertools.islice(batches, max_batches)
   from gpas_jax.analysis import stats  # pylint: disable=import-outside-toplevel
   batches = stats.model_batches(batches, packed=config.data.layout == 'packed')
+  batches = console.progress(batches, f'eval of {hf_dir}', unit='batches')
   return evaluate_model(model, batches, pad_id=config.data.pad_id)
 
 
@@ -97,6 +99,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  console.quiet_logs()
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ('export', 'eval'):
     raise app.UsageError('usage: python -m gpas_jax.hf_tools {export|eval} [flags]')
@@ -111,7 +114,7 @@ def main(argv: Sequence[str]) -> None:
     config = f.config
   else:
     from gpas_jax import sweep  # pylint: disable=import-outside-toplevel
-    config = sweep.load_config_file('configs/tiny.py')
+    config = sweep.load_config_file('configs/tiny.py')  # found from any directory
   loss, ppl = evaluate_hf_directory(f.hf_dir, config, f.norm_type, f.post_num,
                                     f.max_batches or None)
   print(json.dumps({'hf_dir': f.hf_dir, 'eval_loss': loss, 'eval_ppl': ppl}))

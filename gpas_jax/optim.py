@@ -1,6 +1,6 @@
 """The optimizer: the baseline's schedule, global and gate clipping, Adam(W), accumulation.
 
-The training recipe is GPAS.md section 4. In the order the chain applies them:
+The paper's training recipe (README, Running experiments). In the order the chain applies them:
 
 1. `optax.clip_by_global_norm(grad_clip)` over every parameter (skipped when grad_clip <= 0);
 2. `clip_gates_by_joint_norm(gate_clip)`: one norm over all gate leaves (key path ending in

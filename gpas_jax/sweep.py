@@ -28,6 +28,8 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+from gpas_jax import console
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepRun:
@@ -40,12 +42,26 @@ class SweepRun:
   overrides: tuple[tuple[str, Any], ...] = ()
 
 
+# The folder holding the gpas_jax and configs packages: the clone, or site-packages.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve(path: str) -> str:
+  """A relative path ('configs/tiny.py', 'train.py') as given when it exists from here, else the
+  one in the clone (or installed package) this module belongs to, so tools run from anywhere."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  candidate = os.path.join(_ROOT, path)
+  return candidate if os.path.exists(candidate) else path
+
+
 def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
-  """Calls get_config(*args) of a Python config file (the repo root must be importable)."""
+  """Calls get_config(*args) of a Python config file (found as resolve() finds it)."""
+  path = resolve(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist.')
-  if os.getcwd() not in sys.path:  # Config files import `configs.base` from the repo root.
-    sys.path.insert(0, os.getcwd())
+  if _ROOT not in sys.path:  # Config files import `configs.base`; it is there when uninstalled.
+    sys.path.insert(0, _ROOT)
   spec = importlib.util.spec_from_file_location(
       f'_sweep_cfg_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(spec)
@@ -114,10 +130,10 @@ def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
   failed = []
   for k, run in enumerate(runs, 1):
     if skip_finished and is_finished(run.workdir):
-      logging.info('[%d/%d] %s: finished, skipped.', k, len(runs), run.workdir)
+      console.say(f'[{k}/{len(runs)}] {run.workdir}: finished, skipped.')
       continue
     argv = command(run, python, train_script)
-    logging.info('[%d/%d] %s', k, len(runs), shlex.join(argv))
+    console.say(f'[{k}/{len(runs)}] {shlex.join(argv)}')
     rc = subprocess.run(argv, check=False).returncode
     if rc != 0:
       logging.error('[%d/%d] %s exited with %d.', k, len(runs), run.workdir, rc)
@@ -133,24 +149,32 @@ def define_flags() -> None:
   flags.DEFINE_string('root', None, 'Folder under which the runs go.', required=True)
   flags.DEFINE_bool('print_only', False, 'Print one command per line instead of running.')
   flags.DEFINE_bool('skip_finished', False, 'Leave out runs that have a summary.json.')
-  flags.DEFINE_string('train_script', 'train.py', 'The training entry point.')
+  flags.DEFINE_string('train_script', 'train.py', 'The training entry point; a relative path '
+                      "not found here is taken from this package's clone.")
   flags.DEFINE_string('python', None, 'Interpreter; default this one (`python` when printing).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
   f = flags.FLAGS
   runs = plan(f.sweep, f.root)
   for run in runs:
-    if not os.path.isfile(run.config_file):
+    if not os.path.isfile(resolve(run.config_file)):
       raise app.UsageError(f'{run.config_file} (size {run.size}) does not exist.')
-  if f.print_only:
+  if f.print_only:  # Paths as the sweep file gives them: a scheduler runs them from the clone.
     for run in runs:
       if not (f.skip_finished and is_finished(run.workdir)):
         print(shlex.join(command(run, f.python or 'python', f.train_script)))
     return
-  failed = run_sweep(runs, f.python or sys.executable, f.train_script, f.skip_finished)
+  runs = [dataclasses.replace(r, config_file=resolve(r.config_file)) for r in runs]
+  train_script = resolve(f.train_script)
+  if not os.path.isfile(train_script):
+    raise app.UsageError(f'--train_script={f.train_script!r} does not exist (train.py is in the '
+                         'clone, not in an installed package): run from the clone, install it '
+                         'with `pip install -e .`, or pass the path of its train.py.')
+  failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished)
   if failed:
     logging.error('%d of %d runs failed: %s', len(failed), len(runs),
                   ', '.join(r.workdir for r in failed))

@@ -184,7 +184,7 @@ class GPASBlock(nn.Module):
 
 
 class RefDecoderLayer(nn.Module):
-  """One decoder layer in any of the eleven GPAS.md section-2 forms."""
+  """One decoder layer in any of the eleven residual forms (README: model.norm_type)."""
 
   def __init__(self, cfg: RefConfig, layer_idx: int):
     super().__init__()
@@ -268,7 +268,8 @@ class RefModel(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: RefModel, seed: int) -> None:
-  """Baseline init (GPAS.md section 3), drawn from a private generator in parameter order."""
+  """The baseline's init (as model.py documents it), drawn from a private generator in
+  parameter order."""
   cfg = model.config
   gen = torch.Generator().manual_seed(seed)
   deepnorm = cfg.norm_type == 'deeppost'  # deeppost_gpas keeps the plain init.

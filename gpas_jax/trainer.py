@@ -15,6 +15,7 @@ import numpy as np
 
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import config as config_lib
+from gpas_jax import console
 from gpas_jax import data as data_lib
 from gpas_jax import faults
 from gpas_jax import init_from
@@ -110,13 +111,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   check = workdir_lib.resume_check(config, workdir, s.abstract_state,
                                    train_iter.get_state().get('meta'), total)
   restored = ckpt.restore_latest_intact(manager, s.abstract_state, train_iter, workdir, check)
+  resumed_from = None
   if restored is not None:
     state, latest = restored
-    logging.info('Resumed from %s at step %d.', ckpt.checkpoint_dir(workdir), latest)
+    resumed_from = f'step {latest} ({ckpt.checkpoint_dir(workdir)})'
   elif config.get('init_from'):
     params = init_from.load_params(config.init_from, s.model_config)
     state = steps.init_state(s, init_from.place(params, s.state_shardings['params']))
-    logging.info('Initialised from %s (fresh optimizer).', config.init_from)
+    resumed_from = f'{config.init_from} (its parameters; a fresh optimizer)'
   else:
     state = steps.init_state(s)
   _record_config(config, workdir)  # only now: a refused resume leaves config.json as it was
@@ -124,6 +126,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     for name in ('metrics.jsonl', 'analysis.jsonl'):
       workdir_lib.repair_jsonl(os.path.join(workdir, name))
   start = int(jax.device_get(state['step']))
+  console.say(console.run_header(config, s.mesh, s.abstract_state['params'], workdir,
+                                 resumed_from, total))
   train_step, eval_step = steps.make_train_step(s), steps.make_eval_step(s)
   grad_step = steps.make_grad_step(s) if config.analysis.every_steps else None
   writer = metrics_lib.MetricWriter.from_config(config, workdir)
@@ -154,37 +158,50 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   def save(step: int) -> None:
     saver.save(step, state, train_iter, meta)
 
-  t_log, steps_since_log, pending = time.time(), 0, None
+  window, pending = console.StepWindow(), None
   with faults.StopSignals(jax.process_count()) as preemption:
     for step in range(start, total):
       batch = steps.global_batch(s, next(train_iter))
-      state, m = train_step(state, batch)
+      if step == start:  # the first call compiles: time it apart from the step times
+        with console.timed(f'compiling the train step (and running step {start + 1})'):
+          state, m = train_step(state, batch)
+          jax.block_until_ready(m)
+        window.reset()
+        window.add(m['loss'], timed=False)
+      else:
+        state, m = train_step(state, batch)
+        window.add(m['loss'])
       saver.poll()  # a failed asynchronous save stops the run here, not one interval later
       if pending is not None:  # one step behind, so the host does not stall the device
         check(*pending)
       pending = (step + 1, m)
       done = step + 1
-      steps_since_log += 1
       if done % config.log_every_steps == 0 or done == total:
         check(*pending)
-        dt = time.time() - t_log
-        step_time = dt / steps_since_log
-        scalars = {k: float(jax.device_get(m[k])) for k in ('loss', 'grad_norm', 'lr')}
-        scalars['tokens_per_s'] = tokens_per_step / step_time
-        scalars['step_time_s'] = step_time
-        if peak:
-          scalars['mfu'] = metrics_lib.mfu(flops, step_time, peak, num_devices)
-        scalars['eta_s'] = step_time * (total - done)
+        # loss: the mean over the steps since the last log line, not the last batch alone.
+        scalars = {'loss': window.mean_loss(),
+                   **{k: float(jax.device_get(m[k])) for k in ('grad_norm', 'lr')}}
+        if window.steps:  # none when the window held only the compiling step
+          step_time = window.step_time()
+          scalars['tokens_per_s'] = tokens_per_step / step_time
+          scalars['step_time_s'] = step_time
+          if peak:
+            scalars['mfu'] = metrics_lib.mfu(flops, step_time, peak, num_devices)
+          scalars['eta_s'] = step_time * (total - done)
         if guard.skipped:
           scalars['skipped_steps'] = guard.skipped
         scalars.update(gate_scalars(s, state['params']))
         writer.write_scalars(done, scalars)
-        t_log, steps_since_log = time.time(), 0
+        window.reset()
       every = config.analysis.every_steps
       if every and (done % every == 0 or done == 1):
-        analyse(s, grad_step, state['params'], batch, done, workdir)
+        jax.block_until_ready(state['params'])  # queued steps count as train time
+        with window.excluded():
+          analyse(s, grad_step, state['params'], batch, done, workdir)
       if eval_batches is not None and (done % config.eval_every_steps == 0 or done == total):
-        final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
+        jax.block_until_ready(state['params'])
+        with window.excluded():
+          final = evaluate_and_log(s, eval_step, state['params'], eval_batches, writer, done)
       if done == config.debug.sigterm_at_step:  # test hooks
         os.kill(os.getpid(), signal.SIGTERM)
       if done == config.debug.get('sigint_at_step', -1):
@@ -192,7 +209,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       stop = preemption.reached(done)
       if done % config.checkpoint_every_steps == 0 or done == total or stop:
         check(*pending)
-        save(done)
+        jax.block_until_ready(state['params'])
+        with window.excluded():
+          save(done)
       if stop:
         saver.wait()
         logging.warning('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
@@ -229,7 +248,11 @@ def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -
 def evaluate_and_log(s: steps.Setup, eval_step, params, eval_batches, writer, step: int) -> dict:
   """Runs the eval budget and writes eval_loss and eval_ppl."""
   t = time.time()
-  result = steps.evaluate(s, eval_step, params, iter(eval_batches))
+  tokens = s.config.data.eval_tokens
+  batches = console.progress(iter(eval_batches), f'step {step} eval', total=tokens,
+                             count=lambda b: jax.process_count() * int(np.count_nonzero(
+                                 b['segment_ids'])), unit='tokens')
+  result = steps.evaluate(s, eval_step, params, batches)
   result['eval_time_s'] = time.time() - t
   writer.write_scalars(step, result)
   return result

@@ -8,6 +8,7 @@ import os
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from matplotlib.collections import QuadMesh
 import numpy as np
 import pytest
 import torch
@@ -202,9 +203,80 @@ def test_plots_write_pngs(tmp_path):
   for p in paths:
     _assert_png(p)
   steps, gate, _, labels = plots.gate_series(_fake_records(per_sublayer=True))
-  assert list(steps) == [0, 10, 20, 30] and gate.shape == (4, 6) and labels[1] == '0.mlp'
+  assert list(steps) == [0, 10, 20, 30] and gate.shape == (4, 6) and labels[1] == '1.mlp'
   with pytest.raises(ValueError, match='no gate'):
     plots.gate_series([{'step': 0, 'loss': 1.0}])
+
+
+def _captured(monkeypatch):
+  """The figures the plot functions would save, to look at their axes."""
+  figs = []
+  monkeypatch.setattr(plots, '_save', lambda fig, path: figs.append(fig) or path)
+  return figs
+
+
+def test_figures_number_layers_from_one_and_label_every_axis(monkeypatch):
+  figs = _captured(monkeypatch)
+  recs = _fake_records(steps=(1, 10, 20, 30))
+  plots.grad_norm_plot(recs, 'gn.png')
+  plots.gate_plot(_fake_metrics(), 'g.png')
+  plots.layer_importance_plot({'pre': [0.1, 0.5, 0.02]}, 'imp.png')
+  plots.activation_variance_heatmap(recs, 'av.png')
+  gn, gates, imp, heat = figs
+  (ax,) = gn.axes
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ['layer 1', 'layer 2', 'layer 3']
+  assert list(ax.get_lines()[0].get_xdata()) == [1, 10, 20, 30]  # step 1 drawn at 1
+  for ax in gates.axes:  # both panels: a y label and a legend naming layers 1 and 2
+    assert ax.get_ylabel() and ax.get_xlabel() == 'training step'
+    assert {'layer 1', 'layer 2'} <= {t.get_text() for t in ax.get_legend().get_texts()}
+  bars = imp.axes[0].patches
+  assert [round(b.get_x() + b.get_width() / 2) for b in bars] == [1, 2, 3]
+  ax = heat.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['1', '10', '20', '30']
+  assert [t.get_text() for t in ax.get_yticklabels()] == ['1', '2', '3']
+
+
+def test_heatmaps_share_one_scale_without_the_embedding(monkeypatch):
+  figs = _captured(monkeypatch)
+  a = _fake_records()
+  b = [dict(r, act_var=[v * 10 for v in r['act_var']]) for r in _fake_records()]
+  for r in a + b:
+    r['act_var'][0] = 1e-6  # an embedding row far below the layers
+  plots.activation_variance_heatmaps({'pre': a, 'pre_gpas': b}, 'both.png')
+  (fig,) = figs
+  assert len(fig.axes) == 3  # two panels and one colour bar
+  meshes = [ax.collections[0] for ax in fig.axes[:2]]
+  assert all(isinstance(m, QuadMesh) for m in meshes)
+  kept = runs_lib.last_per_step(a, 'act_var') + runs_lib.last_per_step(b, 'act_var')
+  lo = min(min(r['act_var'][1:]) for r in kept)
+  hi = max(max(r['act_var'][1:]) for r in kept)
+  for m in meshes:
+    assert m.get_array().shape == (3, 4)  # layers 1..3 x 4 samples: no embedding row
+    assert (m.norm.vmin, m.norm.vmax) == (lo, hi)
+
+
+def test_seeds_are_drawn_as_mean_and_band(monkeypatch):
+  figs = _captured(monkeypatch)
+  seeds = [_fake_metrics(offset) for offset in (0.0, 0.3, 0.9)]
+  plots.loss_curves_plot({'pre': seeds}, 'loss.png')
+  plots.layer_profile_plot({'pre': [[1.0, 2.0, 4.0], [3.0, 2.0, 8.0]]}, 'p.png', 'var',
+                           embedding=True)
+  loss, profile = figs
+  ax_t = loss.axes[0]
+  (line,) = ax_t.get_lines()
+  assert line.get_label() == 'pre (mean of 3)' and 'mean over each log window' in ax_t.get_ylabel()
+  steps = list(line.get_xdata())
+  assert steps == [0, 10, 20, 30, 40, 50]
+  expected = [5.4 - s / 20 for s in steps]
+  expected[3] = np.nan  # step 30 is NaN in every seed (a resumed run's last record): a gap
+  np.testing.assert_allclose(line.get_ydata(), expected)
+  (band,) = ax_t.collections
+  ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+  sd = np.std([0, .3, .9], ddof=1)
+  np.testing.assert_allclose([ys.max(), ys.min()], [5.4 + sd, 5.4 - 50 / 20 - sd], rtol=1e-6)
+  ax = profile.axes[0]
+  np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [2.0, 2.0, 6.0])
+  assert ax.xaxis.get_major_formatter()(0, 0) == 'emb'
 
 
 def _write_run(path, norm_type, seed, metrics, analysis):
@@ -219,7 +291,7 @@ def _write_run(path, norm_type, seed, metrics, analysis):
   return str(path)
 
 
-def test_run_cli_and_compare(tmp_path, monkeypatch):
+def test_run_cli_and_compare(tmp_path, monkeypatch, capsys):
   model = _perturbed(CFG)
   # The checkpoint loader and the data pipeline are replaced by stand-ins.
   from gpas_jax import loading  # pylint: disable=import-outside-toplevel
@@ -246,9 +318,21 @@ def test_run_cli_and_compare(tmp_path, monkeypatch):
                       lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError('no ckpt')))
   assert [os.path.basename(p) for p in cli.analyze_run(b, str(tmp_path / 'out_b'))] == [
       'loss.png']
-  written = compare.compare_runs([a, b], str(tmp_path / 'cmp'))
+  a1 = _write_run(tmp_path / 'a1', 'pre_gpas', 1, _fake_metrics(0.5), _fake_records())
+  capsys.readouterr()
+  written = compare.compare_runs([a, b, a1], str(tmp_path / 'cmp'))
   assert sorted(os.path.basename(p) for p in written) == [
       'act_var_by_layer.png', 'grad_norm_by_layer.png', 'layer_importance.png',
       'loss_curves.png']
   for p in written:
     _assert_png(p)
+  # Runs without the data of a figure are named, not silently dropped.
+  out = capsys.readouterr().out
+  assert f'per-layer figures: left out 1 run(s) without the data: {b}' in out
+  assert f'layer importance: left out 2 run(s) without the data: {b}, {a1}' in out
+  # Seeds of one setting are one line: the mean (pre_gpas seeds 0 and 1, offsets 0 and 0.5).
+  figs = _captured(monkeypatch)
+  compare.compare_runs([a, b, a1], str(tmp_path / 'cmp2'))
+  labels = [l.get_label() for l in figs[0].axes[0].get_lines()]
+  assert labels == ['pre_gpas (mean of 2)', 'pre']
+  np.testing.assert_allclose(figs[0].axes[0].get_lines()[0].get_ydata()[0], 5.25)

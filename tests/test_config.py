@@ -10,7 +10,9 @@ from configs import base
 from gpas_jax import config as config_lib
 from gpas_jax import model as model_lib
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.py')))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                     '*.py'))
+                      if not os.path.basename(p).startswith('_'))  # not the package's __init__
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)

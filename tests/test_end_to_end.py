@@ -8,13 +8,11 @@ import os
 import shutil
 
 import jax
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from gpas_jax import checkpoint as ckpt
 from gpas_jax import data as data_lib
-from gpas_jax import model as model_lib
 from gpas_jax import steps
 from gpas_jax import trainer
 from tests.helpers import read_tensorboard_scalars

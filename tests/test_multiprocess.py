@@ -94,4 +94,4 @@ def test_two_processes_train_and_checkpoint(tmp_path):
        f'--workdir={workdir}', '--config.num_train_steps=6', '--config.eval_every_steps=6'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
-  assert 'Resumed from' in one.stderr and 'final step 6' in one.stdout
+  assert 'resumed from  step 4' in one.stdout and 'final step 6' in one.stdout

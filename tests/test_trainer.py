@@ -241,3 +241,36 @@ def test_kill_during_async_save_resumes_from_last_complete_checkpoint(tmp_path):
   s = steps.setup(c, jax.devices()[:1])
   state, _ = ckpt.restore(manager, latest, s.abstract_state)  # the last complete one restores
   assert int(state['step']) == latest
+
+
+def test_console_and_windowed_loss(tmp_path, capsys):
+  every_step = trainer.train(tiny_train_config(), str(tmp_path / 'a'), jax.devices()[:1])
+  capsys.readouterr()
+  c = tiny_train_config(log_every_steps=3)
+  result = trainer.train(c, str(tmp_path / 'b'), jax.devices()[:1])
+  out = capsys.readouterr().out
+  # The logged loss is the mean of the window's steps (the compiling step 1 included).
+  per_step, windowed = _losses(str(tmp_path / 'a')), _losses(str(tmp_path / 'b'))
+  assert sorted(windowed) == [3, 6]
+  for end in (3, 6):
+    window = [per_step[s] for s in range(end - 2, end + 1)]
+    np.testing.assert_allclose(windowed[end], np.mean(window), rtol=1e-6)
+  # The start-up block, compile timing apart, then step lines.
+  n_params = sum(x.size for x in jax.tree.leaves(_params(result)))
+  assert f'parameters    {n_params / 1e3:.3g}k ({n_params:,}, ' in out, out
+  assert 'tokens/step   256 (8 x 32)' in out and 'resumed from  nothing' in out
+  assert out.index('compiling the train step (and running step 1) ... done in') < out.index(
+      'step 3/6')
+  # Throughput only for windows of timed steps: step 1 (compiling) has none, step 2 has.
+  records = {r['step']: r for r in map(json.loads, open(tmp_path / 'a' / 'metrics.jsonl'))
+             if 'loss' in r}
+  assert 'tokens_per_s' not in records[1] and records[2]['tokens_per_s'] > 0
+  del every_step
+  # A rerun of the finished run says so and reports its recorded eval.
+  again = trainer.train(c, str(tmp_path / 'b'), jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert 'holds a finished run (step 6 of 6): nothing to train' in out
+  assert 'resumed from  step 6' in out
+  assert again['eval_loss'] == result['eval_loss'] and again['finished']
+  summary = json.load(open(tmp_path / 'b' / 'summary.json', encoding='utf-8'))
+  assert summary['eval_loss'] == result['eval_loss']  # not overwritten by the empty rerun

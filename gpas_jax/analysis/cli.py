@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from gpas_jax import console
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
 
@@ -65,13 +66,15 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
     try:
       written.append(fn(recs, os.path.join(out_dir, fname), title=fig_title))
     except ValueError as e:  # No such records (analysis off, or no GPAS): skip that figure.
-      logging.info('Skipping %s: %s', fname, e)
+      console.say(f'no {fname}: {e}')
   if any('loss' in r for r in metrics):
     written.append(plots.loss_curves_plot({title: metrics}, os.path.join(out_dir, 'loss.png'),
                                           title=title))
   if importance:
     try:
-      imp = run_importance(workdir, step=step, max_batches=importance_batches)
+      with console.timed(f'layer importance of {workdir} on '
+                         f'{importance_batches or "all"} eval batches'):
+        imp = run_importance(workdir, step=step, max_batches=importance_batches)
     except (ImportError, FileNotFoundError, ValueError) as e:
       logging.warning('No layer importance for %s: %s', workdir, e)
     else:
@@ -97,6 +100,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
   f = flags.FLAGS
   for path in analyze_run(f.workdir, f.out, f.importance, f.importance_batches or None, f.step):
     print(path)

@@ -22,6 +22,7 @@ from absl import flags
 from etils import epath
 import ml_collections
 
+from gpas_jax import console
 from gpas_jax.analysis import runs as runs_lib
 
 # Architecture bases in the paper's order; post has no GPAS twin in the baseline.
@@ -215,6 +216,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
   f = flags.FLAGS
   md_path, csv_path, table = write_table(f.root, f.out, f.sweep)
   print(to_markdown(table))

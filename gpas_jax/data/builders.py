@@ -23,6 +23,7 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
+from gpas_jax import console
 from gpas_jax.data.errors import DataError
 
 TEXT_SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz', '.json.gz')
@@ -129,6 +130,14 @@ class GpasTextFolder(tfds.core.GeneratorBasedBuilder):
   # that needs the importlib_resources backport on Python >= 3.9.
   code_path = None
 
+  # TFDS prints 'Downloading and preparing dataset Unknown size ...' and '... downloaded and
+  # prepared' on stdout: wrong for a local build, which reports itself (sources._build).
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -174,6 +183,9 @@ class GpasTextFolder(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, files, validation, forced):
-    for key, is_validation, text in self._documents(files, validation):
+    split = 'validation' if validation else 'train'
+    docs = console.progress(self._documents(files, validation), f'  {split} split',
+                            unit='documents')
+    for key, is_validation, text in docs:
       if (is_validation or key == forced) == validation:
         yield key, {'text': text}

@@ -20,10 +20,12 @@ import os
 import pathlib
 from typing import Any
 
+from absl import logging
 from etils import epath
 import ml_collections
 import tensorflow_datasets as tfds
 
+from gpas_jax import console
 from gpas_jax.data import builders
 from gpas_jax.data import corpus
 from gpas_jax.data.errors import DataError
@@ -62,13 +64,31 @@ def locked(lock_path: pathlib.Path) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(data_dir: pathlib.Path, **builder_kwargs) -> pathlib.Path:
-  with locked(data_dir.with_name(data_dir.name + '.lock')):
+def _build(data_dir: pathlib.Path, what: str = 'a dataset', **builder_kwargs) -> pathlib.Path:
+  with locked(data_dir.with_name(data_dir.name + '.lock')), _tfds_quiet():
     builder = builders.GpasTextFolder(data_dir=str(data_dir), file_format='array_record',
                                       **builder_kwargs)
     if not builder.is_prepared():
-      builder.download_and_prepare()
+      with console.timed(f'building {what} into {data_dir} (once; cached)'):
+        builder.download_and_prepare()
   return data_dir / _BUILDER_DIR
+
+
+@contextlib.contextmanager
+def _tfds_quiet() -> Iterator[None]:
+  """Silences TFDS's progress bars and log lines for a build (it reports itself), unless
+  --verbosity asks for them."""
+  if console.verbose():
+    yield
+    return
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # e.g. 'Variant folder ... has no dataset_info.json'
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.enable_progress_bar()
+    logging.set_verbosity(level)
 
 
 def prepare_embedded(cache: pathlib.Path) -> pathlib.Path:
@@ -80,7 +100,7 @@ def prepare_embedded(cache: pathlib.Path) -> pathlib.Path:
   text_dir = cache / 'corpus' / tag
   with locked(cache / 'corpus' / f'{tag}.lock'):
     corpus.write_embedded_corpus(text_dir)
-  return _build(data_dir, text_dir=str(text_dir), text_field='text',
+  return _build(data_dir, what='the embedded corpus', text_dir=str(text_dir), text_field='text',
                 validation_percent=EMBEDDED_VALIDATION_PERCENT)
 
 
@@ -103,8 +123,9 @@ def prepare_text_folder(cache: pathlib.Path, text_dir: str, text_field: str,
   data_dir = cache / 'tfds' / f'text_folder-{fp}'
   if (data_dir / _BUILDER_DIR / 'dataset_info.json').exists():
     return data_dir / _BUILDER_DIR
-  return _build(data_dir, text_dir=text_dir, text_field=text_field,
-                validation_percent=validation_percent, validation_glob=validation_glob)
+  return _build(data_dir, what=f'the text folder {text_dir}', text_dir=text_dir,
+                text_field=text_field, validation_percent=validation_percent,
+                validation_glob=validation_glob)
 
 
 def tfds_data_dir(config: ml_collections.ConfigDict) -> epath.Path:

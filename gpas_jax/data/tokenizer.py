@@ -8,12 +8,12 @@ num_threads=1 (SentencePiece's EM with more threads gives different models). The
 tokenizer (data.tokenizer='') is a BPE model trained on the embedded corpus's train split and
 cached under data.cache_dir/tokenizers, keyed by Python build and vocab size.
 
-Command line (trains on the 'train' split of any source the pipeline reads):
+Command line (trains on the 'train' split of any source the pipeline reads; --help lists the
+flags and their defaults):
   python -m gpas_jax.data.tokenizer --output=/tmp/sp8k.model --vocab_size=8000 \\
       --source=text_folder --text_dir=/path/to/texts
 """
 
-import argparse
 from collections.abc import Iterable, Iterator
 import hashlib
 import io
@@ -22,10 +22,13 @@ import pathlib
 import sys
 import time
 
+from absl import app
+from absl import flags
 from absl import logging
 import ml_collections
 import sentencepiece as spm
 
+from gpas_jax import console
 from gpas_jax.data import corpus
 from gpas_jax.data import sources
 from gpas_jax.data.errors import DataError
@@ -71,15 +74,22 @@ def training_lines(texts: Iterable[str], max_lines: int) -> Iterator[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output: str | os.PathLike[str], *,
                     model_type: str = 'unigram', max_lines: int = 2_000_000,
-                    num_threads: int = 1) -> spm.SentencePieceProcessor:
-  """Trains a lossless SentencePiece model with T5's ids, writes it atomically, and returns it."""
+                    num_threads: int = 1, report: bool = False) -> spm.SentencePieceProcessor:
+  """Trains a lossless SentencePiece model with T5's ids, writes it atomically, and returns it.
+
+  report=True prints progress while the lines are read and when training starts (the command
+  line's default; a large corpus takes minutes).
+  """
   if vocab_size < MIN_VOCAB_SIZE:
     raise DataError(f'tokenizer vocab_size={vocab_size} is too small; byte fallback needs at '
                     f'least {MIN_VOCAB_SIZE}.')
+  lines = training_lines(texts, max_lines)
+  if report:
+    lines = _reported(lines, max_lines, f'{model_type} model of {vocab_size} pieces')
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=training_lines(texts, max_lines), model_writer=model,
+        sentence_iterator=lines, model_writer=model,
         vocab_size=vocab_size, model_type=model_type, **SPECIAL_IDS,
         normalization_rule_name='identity', remove_extra_whitespaces=False, byte_fallback=True,
         user_defined_symbols=['\n'], input_sentence_size=0, shuffle_input_sentence=False,
@@ -97,6 +107,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: str | os.Path
     logging.warning('The corpus supports only %d pieces; trained %s with that many instead of %d.',
                     sp.vocab_size(), out, vocab_size)
   return sp
+
+
+def _reported(lines: Iterator[str], max_lines: int, what: str) -> Iterator[str]:
+  """The lines, with progress while SentencePiece reads them and a line when training starts."""
+  n = 0
+  start = time.perf_counter()
+  for line in console.progress(lines, 'reading lines', every_s=10.0, unit='lines'):
+    n += 1
+    yield line
+  console.say(f'read {n:,} lines in {time.perf_counter() - start:.0f} s; training a {what} '
+              '(no progress output from SentencePiece) ...')
 
 
 def split_texts(split: sources.Split) -> Iterator[str]:
@@ -123,10 +144,9 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> spm.SentencePieceProcess
         embedded = ml_collections.ConfigDict(config.data.to_dict())
         embedded.source = 'embedded'
         split = sources.open_split(ml_collections.ConfigDict({'data': embedded}), 'train')
-        start = time.time()
-        train_tokenizer(split_texts(split), config.data.tokenizer_vocab_size, path,
-                        model_type=DEFAULT_MODEL_TYPE)
-        logging.info('Trained the default tokenizer %s in %.1f s.', path, time.time() - start)
+        with console.timed(f'training the default tokenizer {path} (once; cached)'):
+          train_tokenizer(split_texts(split), config.data.tokenizer_vocab_size, path,
+                          model_type=DEFAULT_MODEL_TYPE)
   return load_tokenizer(str(path))
 
 
@@ -145,42 +165,50 @@ def check_tokenizer(sp: spm.SentencePieceProcessor, config: ml_collections.Confi
                     'data.pad_id to match (T5 models use 0).')
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Trains a tokenizer from the command line."""
-  parser = argparse.ArgumentParser(
-      prog='python -m gpas_jax.data.tokenizer',
-      description='Train a lossless SentencePiece model (pad=0, eos=1, unk=2, no bos) on the '
-                  "'train' split of a dataset.")
-  parser.add_argument('--output', required=True, help='Path of the .model file to write.')
-  parser.add_argument('--vocab_size', type=int, default=32_000)
-  parser.add_argument('--source', choices=('embedded', 'text_folder', 'tfds'), default='embedded')
-  parser.add_argument('--text_dir', default='', help='Text folder (--source=text_folder).')
-  parser.add_argument('--text_field', default='text', help='Text field of .jsonl or TFDS records.')
-  parser.add_argument('--tfds_name', default='c4/en:3.1.0', help='With --source=tfds.')
-  parser.add_argument('--data_dir', default='', help='TFDS data dir (--source=tfds).')
-  parser.add_argument('--split', default='train')
-  parser.add_argument('--cache_dir', default='', help="Build cache; '' -> ~/.cache/gpas_jax.")
-  parser.add_argument('--model_type', choices=('unigram', 'bpe'), default='unigram')
-  parser.add_argument('--max_lines', type=int, default=2_000_000,
-                      help='Train on the first N non-blank lines, in dataset order.')
-  parser.add_argument('--num_threads', type=int, default=1,
-                      help='More threads train faster but the model then depends on the count.')
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command line's flags (only when run as a program, or into a test's `fv`)."""
+  d = {'flag_values': fv}
+  flags.DEFINE_string('output', None, 'Path of the .model file to write.', required=True, **d)
+  flags.DEFINE_integer('vocab_size', 32_000, f'Pieces in the model (at least {MIN_VOCAB_SIZE}: '
+                       'byte fallback needs 256 of them).', **d)
+  flags.DEFINE_enum('source', 'embedded', ['embedded', 'text_folder', 'tfds'],
+                    'Where the training text comes from.', **d)
+  flags.DEFINE_string('text_dir', '', 'With --source=text_folder: a folder of .txt/.jsonl.', **d)
+  flags.DEFINE_string('text_field', 'text', 'Text field of .jsonl or TFDS records.', **d)
+  flags.DEFINE_string('tfds_name', 'c4/en:3.1.0', 'With --source=tfds: the dataset.', **d)
+  flags.DEFINE_string('data_dir', '', "With --source=tfds: its data dir ('' = $TFDS_DATA_DIR).",
+                      **d)
+  flags.DEFINE_string('split', 'train', 'The split to train on.', **d)
+  flags.DEFINE_string('cache_dir', '', "Build cache of embedded/text_folder ('' = "
+                      '~/.cache/gpas_jax).', **d)
+  flags.DEFINE_enum('model_type', 'unigram', ['unigram', 'bpe'], 'SentencePiece model type.', **d)
+  flags.DEFINE_integer('max_lines', 2_000_000,
+                       'Train on the first N non-blank lines, in dataset order.', **d)
+  flags.DEFINE_integer('num_threads', 1,
+                       'More threads train faster but the model then depends on the count.', **d)
+
+
+def main(argv: list[str], f: flags.FlagValues = flags.FLAGS) -> int:
+  """Trains a tokenizer from the command line (absl flags; --help lists them)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
   data = ml_collections.ConfigDict(dict(
-      source=args.source, text_dir=args.text_dir, text_field=args.text_field,
-      tfds_name=args.tfds_name, data_dir=args.data_dir, cache_dir=args.cache_dir))
+      source=f.source, text_dir=f.text_dir, text_field=f.text_field,
+      tfds_name=f.tfds_name, data_dir=f.data_dir, cache_dir=f.cache_dir))
   try:
-    split = sources.open_split(ml_collections.ConfigDict({'data': data}), args.split)
+    split = sources.open_split(ml_collections.ConfigDict({'data': data}), f.split)
+    console.say(f'training a tokenizer on {split.description} ({len(split.source):,} documents)')
     start = time.time()
-    sp = train_tokenizer(split_texts(split), args.vocab_size, args.output,
-                         model_type=args.model_type, max_lines=args.max_lines,
-                         num_threads=args.num_threads)
+    sp = train_tokenizer(split_texts(split), f.vocab_size, f.output, model_type=f.model_type,
+                         max_lines=f.max_lines, num_threads=f.num_threads, report=True)
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'Wrote {args.output}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
+  console.say(f'Wrote {f.output}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(main)
