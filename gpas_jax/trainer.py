@@ -97,8 +97,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   total = config_lib.total_updates(config)
   summary = workdir_lib.finished_summary(workdir, total)
   if summary is not None:
-    logging.warning('%s already finished %d steps; nothing to do (raise num_train_steps to train '
-                    'further, or use a new --workdir).', workdir, summary['step'])
+    evals = ', '.join(f'{k} {summary[k]:.4f}' for k in ('eval_loss', 'eval_ppl')
+                      if summary.get(k) is not None)
+    console.say(f'{workdir} holds a finished run (step {summary["step"]} of {total}): nothing to '
+                f'train{" (" + evals + ")" if evals else ""}. Use a new --workdir, or raise '
+                'num_train_steps to train on.')
     return {'step': summary['step'], 'finished': True, 'already_finished': True,
             **{k: summary[k] for k in ('eval_loss', 'eval_ppl', 'eval_loss_baseline',
                                        'eval_ppl_baseline') if summary.get(k) is not None}}

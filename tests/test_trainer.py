@@ -269,8 +269,7 @@ def test_console_and_windowed_loss(tmp_path, capsys):
   # A rerun of the finished run says so and reports its recorded eval.
   again = trainer.train(c, str(tmp_path / 'b'), jax.devices()[:1])
   out = capsys.readouterr().out
-  assert 'holds a finished run (step 6 of 6): nothing to train' in out
-  assert 'resumed from  step 6' in out
+  assert 'holds a finished run (step 6 of 6): nothing to train (eval_loss ' in out
   assert again['eval_loss'] == result['eval_loss'] and again['finished']
   summary = json.load(open(tmp_path / 'b' / 'summary.json', encoding='utf-8'))
   assert summary['eval_loss'] == result['eval_loss']  # not overwritten by the empty rerun
