@@ -137,13 +137,24 @@ def run_torch(config: ml_collections.ConfigDict, rows_NxT: np.ndarray, init: str
   return history
 
 
+# Fields that change only the gpas_jax side: a PyTorch history does not depend on them.
+_JAX_ONLY = {'model': ('loss_dtype', 'attention_logits_dtype', 'attention_impl', 'scan_layers',
+                       'remat_policy', 'param_dtype', 'compute_dtype'),
+             'optim': ('arithmetic', 'micro_batches', 'state_dtype')}
+
+
+def _torch_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+  return {k: ({f: v for f, v in val.items() if f not in _JAX_ONLY[k]} if k in _JAX_ONLY else val)
+          for k, val in inputs.items()}
+
+
 def cached_torch(out: str, key: str, inputs: dict[str, Any], run: Any) -> list[dict[str, Any]]:
   """run() once per `inputs`: OUT/torch_<key>.json keeps a PyTorch history for reruns."""
   path = os.path.join(out, f'torch_{key}.json')
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       saved = json.load(f)
-    if saved['inputs'] == inputs:
+    if _torch_inputs(saved['inputs']) == _torch_inputs(inputs):
       logging.info('PyTorch %s: reusing %s.', key, path)
       return saved['history']
   history = run()
