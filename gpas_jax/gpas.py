@@ -7,6 +7,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from gpas_jax import layers
+
 
 def _scale_silu(x: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(8 * x) * x
@@ -33,8 +35,9 @@ def gpas(x: jax.Array, g: jax.Array, act: str = 'silu', stop_gradient: bool = Tr
   """Scales x by 1 - act(g) in the forward pass; the gradient to x passes unchanged."""
   scale = GATE_ACTIVATIONS[act](g).astype(x.dtype)
   # The stop-gradient is the method: without it the backward pass is scaled too (an ablation).
-  shortcut = jax.lax.stop_gradient(x) if stop_gradient else x
-  return x - scale * shortcut
+  if stop_gradient:  # the gate's gradient sums over every element in float32, as torch's
+    return x - layers.broadcast_mul(scale, jax.lax.stop_gradient(x))
+  return x - scale * x
 
 
 class GPAS(nnx.Module):

@@ -31,6 +31,31 @@ def xavier_std(fan_in: int, fan_out: int, gain: float) -> float:
   return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
+@jax.custom_vjp
+def broadcast_mul(s: jax.Array, x: jax.Array) -> jax.Array:
+  """s * x for s broadcast over x's leading axes (a gain [D] or a scalar gate).
+
+  Its gradient to s sums the products dy * x in (at least) float32 and rounds once, as torch's
+  `sum_to_size` does; XLA's transpose of a bf16 broadcast would accumulate in bf16.
+  """
+  return s * x
+
+
+def _broadcast_mul_fwd(s, x):
+  return s * x, (s, x)
+
+
+def _broadcast_mul_bwd(res, dy):
+  s, x = res
+  prod = dy * x  # rounded per element in x's dtype, as torch's mul backward
+  acc = jnp.promote_types(prod.dtype, jnp.float32)
+  ds = jnp.sum(prod.astype(acc), axis=tuple(range(x.ndim - s.ndim))).astype(s.dtype)
+  return ds, (dy * s).astype(x.dtype)
+
+
+broadcast_mul.defvjp(_broadcast_mul_fwd, _broadcast_mul_bwd)
+
+
 class RMSNorm(nnx.Module):
   """LLaMA RMSNorm: normalise in (at least) fp32, multiply the gain in the input dtype."""
 
@@ -43,7 +68,7 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-    return self.weight[...].astype(x.dtype) * y
+    return broadcast_mul(self.weight[...].astype(x.dtype), y)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float,
