@@ -52,14 +52,17 @@ def _peak_flops(compute_dtype: str, remeasure: bool) -> tuple[float | None, str]
   return None, f'unknown device kind {dev.device_kind!r} (add it to metrics.PEAK_FLOPS)'
 
 
+_MAIN = 'main'  # stands for the main JaxVariant in comparisons set up before it is compiled
+
+
 def _jax_variants(config, devices, compare_gpas, baseline_faithful, tries, log, results):
-  """The in-process JAX variants (main first), and the --try ones that need a worker."""
+  """The in-process JAX variants (main first) and their comparisons."""
   m = config.model
   not_run = results['not_run']
   malloc = bench_torch.malloc_label(allocator.loaded() or allocator.DEFAULT)
   main = bench_jax.JaxVariant(f'jax {m.norm_type} ({malloc})', config, devices)
   log(f'[bench] {main.name}: lowered in {main.lower_s:.2f} s, compiled in {main.compile_s:.2f} s')
-  variants, comps, workers = [main], [], []
+  variants, comps = [main], []
   other = gpas_counterpart(m.norm_type)
   if other is None:
     not_run[f'jax {m.norm_type}, GPAS toggled'] = f'{m.norm_type} has no GPAS counterpart'
@@ -79,33 +82,49 @@ def _jax_variants(config, devices, compare_gpas, baseline_faithful, tries, log, 
     not_run['jax baseline_faithful'] = '--nobaseline_faithful'
   else:
     flip = not bool(config.baseline_faithful)
-    v = bench_jax.JaxVariant(f'jax {m.norm_type} baseline_faithful={flip}',
-                             bench_jax.apply_overrides(config, {'baseline_faithful': flip}),
-                             devices)
-    variants.append(v)
-    faithful, plain = (v, main) if flip else (main, v)
-    comps.append(('baseline_faithful_cost', 'baseline_faithful cost (step time, on vs off)',
-                  'overhead', faithful, plain, TARGETS['baseline_faithful_cost']))
+    v = _build(f'jax {m.norm_type} baseline_faithful={flip}',
+               bench_jax.apply_overrides(config, {'baseline_faithful': flip}), devices, not_run,
+               log)
+    if v is not None:
+      variants.append(v)
+      faithful, plain = (v, main) if flip else (main, v)
+      comps.append(('baseline_faithful_cost', 'baseline_faithful cost (step time, on vs off)',
+                    'overhead', faithful, plain, TARGETS['baseline_faithful_cost']))
   for text in tries:
     overrides, env = bench_jax.parse_overrides(text)
-    c = bench_jax.apply_overrides(config, overrides)
     if env:
-      w = bench_jax.start(f'jax try {text}', c, allocator.loaded() or allocator.DEFAULT, env,
-                          900)
-      workers.append(w)
-      comps.append((f'try {text}', f'try {text} (step time vs JAX)', 'overhead', w, main, None))
-    else:
-      variants.append(bench_jax.JaxVariant(f'jax try {text}', c, devices))
-      comps.append((f'try {text}', f'try {text} (step time vs JAX)', 'overhead', variants[-1],
-                    main, None))
-  return main, variants, comps, workers
+      continue  # a worker (_worker_variants)
+    v = _build(f'jax try {text}', bench_jax.apply_overrides(config, overrides), devices, not_run,
+               log)
+    if v is not None:
+      variants.append(v)
+      comps.append((f'try {text}', f'try {text} (step time vs JAX)', 'overhead', v, main, None))
+  return main, variants, comps
 
 
-def _worker_variants(config, main, other_mallocs, torch, torch_compile, torch_threads,
-                     compile_timeout_s, results, log):
-  """Starts the worker variants: JAX under other mallocs, PyTorch; returns (workers, comps)."""
+def _build(name, config, devices, not_run, log) -> bench_jax.JaxVariant | None:
+  """A secondary variant, or None with the reason in not_run when it does not compile."""
+  try:
+    return bench_jax.JaxVariant(name, config, devices)
+  except Exception as e:  # pylint: disable=broad-except
+    # e.g. cuDNN attention on a GPU without it: the other variants still run.
+    not_run[name] = f'{type(e).__name__}: {e}'.replace('\n', ' ')[:400]
+    log(f'[bench] {name}: not run: {not_run[name]}')
+    return None
+
+
+def _worker_variants(config, other_mallocs, torch, torch_compile, torch_threads,
+                     compile_timeout_s, tries, results, log):
+  """Starts the worker variants (--try with env variables, JAX under other mallocs, PyTorch)."""
   import jax  # pylint: disable=import-outside-toplevel
   not_run, workers, comps = results['not_run'], [], []
+  for text in tries:
+    overrides, env = bench_jax.parse_overrides(text)
+    if env:
+      w = bench_jax.start(f'jax try {text}', bench_jax.apply_overrides(config, overrides),
+                          allocator.loaded() or allocator.DEFAULT, env, 900)
+      workers.append(w)
+      comps.append((f'try {text}', f'try {text} (step time vs JAX)', 'overhead', w, _MAIN, None))
   on_cpu = jax.devices()[0].platform == 'cpu'
   jax_malloc = allocator.loaded() or allocator.DEFAULT
   found = allocator.available()
@@ -128,7 +147,7 @@ def _worker_variants(config, main, other_mallocs, torch, torch_compile, torch_th
         workers.append(w)
         comps.append((f'malloc_{malloc}', f'JAX on {bench_torch.malloc_label(jax_malloc)} vs '
                       f'on {label}',
-                      'speedup', main, w, None))
+                      'speedup', _MAIN, w, None))
   if not torch:
     not_run['PyTorch'] = '--torch not given'
   elif not on_cpu:
@@ -158,7 +177,7 @@ def _worker_variants(config, main, other_mallocs, torch, torch_compile, torch_th
         key += 'same'
       else:
         key += malloc
-      comps.append((key, f'JAX / {w.name} tokens/s', 'speedup', main, w, TARGETS.get(key)))
+      comps.append((key, f'JAX / {w.name} tokens/s', 'speedup', _MAIN, w, TARGETS.get(key)))
   return workers, comps
 
 
@@ -188,16 +207,15 @@ def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: boo
       'steps': steps, 'warmup': warmup, 'targets': dict(TARGETS),
       'loadavg_before': os.getloadavg(), 'not_run': {},
   }
-  # Workers start first: they import, build and compile while this process compiles.
-  workers, comps = [], []
-  main = None
+  workers = []
   try:
-    main, variants, comps, try_workers = _jax_variants(
-        config, devices, compare_gpas, baseline_faithful, tries, log, results)
-    workers, worker_comps = _worker_variants(config, main, other_mallocs, torch, torch_compile,
-                                             torch_threads, torch_compile_timeout_s, results, log)
-    workers = try_workers + workers
-    comps += worker_comps
+    # Workers start first: they import, build and compile while this process compiles.
+    workers, worker_comps = _worker_variants(config, other_mallocs, torch, torch_compile,
+                                             torch_threads, torch_compile_timeout_s, tries,
+                                             results, log)
+    main, variants, comps = _jax_variants(config, devices, compare_gpas, baseline_faithful,
+                                          tries, log, results)
+    comps += [tuple(main if x is _MAIN else x for x in c) for c in worker_comps]
     ready = []
     for w in workers:
       w.wait_ready()
@@ -220,6 +238,8 @@ def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: boo
         dt = v.step()
         if r >= warmup:
           v.times.append(dt)
+      if (r + 1) % 10 == 0 or r + 1 == warmup + steps:
+        log(f'[bench] round {r + 1}/{warmup + steps} ({len(everyone)} variants)')
     cpu1 = bench_proc.cpu_sample(pids)
   finally:
     for w in workers:

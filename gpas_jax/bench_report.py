@@ -7,7 +7,9 @@ resampling), and the min and max per-round ratios. The ratio of the medians and 
 minima are kept too: when they disagree with the per-round median, the load changed in phases.
 """
 
+import json
 import math
+import sys
 from typing import Any
 
 # Targets of the performance issue, printed beside the results (never asserted by a test).
@@ -162,3 +164,44 @@ def format_report(r: dict[str, Any]) -> str:
                  'unreliable and ratios lean against PyTorch (its OpenMP threads lose more than '
                  'XLA\'s pool on oversubscribed cores). Rerun on an idle machine for final figures.')
   return '\n'.join(lines)
+
+
+def variant_table(runs: list[dict[str, Any]]) -> str:
+  """One row per JAX variant of each run: step time, tokens/s, MFU, compile time, memory."""
+  gib = 1024.0 ** 3
+  lines = []
+  if runs:
+    r = runs[0]
+    src = r['jax']['peak_flops_source']
+    peak = r['jax']['peak_flops_per_device']
+    lines.append(f'device: {r["device"]}; peak {peak / 1e12:.0f} TFLOP/s ({src})' if peak else
+                 f'device: {r["device"]}; MFU n/a: {src}')
+  lines.append(f'{"size":6s} {"variant":36s} {"step ms":>8s} {"tokens/s":>10s} {"MFU":>6s} '
+               f'{"compile s":>9s} {"XLA peak GiB":>12s} {"device peak GiB":>15s}')
+  for r in runs:
+    dev_peak = r['jax'].get('device_peak_bytes_in_use')
+    dev_text = f'{dev_peak / gib:.1f}' if dev_peak else 'n/a'
+    for name, v in r['variants'].items():
+      if 'compile_s' not in v:
+        continue  # worker variants (other mallocs, PyTorch) belong to the CPU report
+      label = (f'attention {r["config"]["attention_impl"]}' if name == r['main'] else
+               name.replace('jax try model.attention_impl=', 'attention ').replace('jax ', ''))
+      mfu = f'{100 * v["mfu"]:.1f}%' if 'mfu' in v else 'n/a'
+      mem = v.get('memory_analysis_bytes') or {}
+      xla = f'{mem["peak_estimate"] / gib:.2f}' if mem else 'n/a'
+      lines.append(f'{r["config"]["size_name"]:6s} {label:36s} {1e3 * v["median_s"]:8.1f} '
+                   f'{v["tokens_per_s"]:10,.0f} {mfu:>6s} {v["compile_s"]:9.1f} {xla:>12s} '
+                   f'{dev_text:>15s}')
+    for name, why in r.get('not_run', {}).items():
+      if name.startswith('jax try'):
+        lines.append(f'{r["config"]["size_name"]:6s} {name[len("jax try "):]}: not run: {why}')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  # python -m gpas_jax.bench_report RUN.json ...: the table of `python -m gpas_jax.bench --json`s.
+  runs_ = []
+  for path_ in sys.argv[1:]:
+    with open(path_, encoding='utf-8') as f_:
+      runs_.append(json.loads(f_.read().strip().splitlines()[-1]))
+  print(variant_table(runs_))

@@ -130,13 +130,17 @@ def test_benchmark_times_every_variant_or_says_why_not():
 
 def test_baseline_faithful_variant_when_the_config_has_the_field():
   config = tiny_train_config()
-  if 'baseline_faithful' not in config:
-    pytest.skip('this checkout has no config.baseline_faithful yet')
+  if 'baseline_faithful' not in config:  # before issue 9's field: the wiring, with no effect
+    config.baseline_faithful = False
   results = bench.run_benchmark(config, steps=2, warmup=0, compare_gpas=False,
                                 other_mallocs=False, devices=jax.devices()[:1],
                                 log=lambda s: None)
+  assert 'jax baseline_faithful' not in results['not_run']
+  assert 'jax pre_gpas baseline_faithful=True' in results['variants']
   comps = {c['id']: c for c in results['comparisons']}
   assert comps['baseline_faithful_cost']['target'] == bench.TARGETS['baseline_faithful_cost']
+  assert comps['baseline_faithful_cost']['stats']['rounds'] == 2
+  assert 'baseline_faithful cost' in bench.format_report(results)
 
 
 def test_command_line_prints_one_json_object():
