@@ -29,6 +29,9 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     'h100': {'bfloat16': 989e12, 'float16': 989e12, 'tfloat32': 494.7e12, 'float32': 67e12},
     'h100_pcie': {'bfloat16': 756e12, 'float16': 756e12, 'tfloat32': 378e12, 'float32': 51e12},
     'h200': {'bfloat16': 989e12, 'float16': 989e12, 'tfloat32': 494.7e12, 'float32': 67e12},
+    # Blackwell: half the data sheets' sparse tensor-core figures (HGX B200 / GB200 per GPU).
+    'b200': {'bfloat16': 2.25e15, 'float16': 2.25e15, 'tfloat32': 1.1e15},
+    'gb200': {'bfloat16': 2.5e15, 'float16': 2.5e15, 'tfloat32': 1.25e15},
 }
 
 
@@ -91,6 +94,10 @@ def chip_name(device_kind: str) -> Optional[str]:
     if 'v4' in k:
       return 'tpu_v4'
     return None
+  if 'gb200' in k:
+    return 'gb200'
+  if 'b200' in k:
+    return 'b200'
   if 'h200' in k:  # GH200 included: the same Hopper tensor cores and clocks as H100 SXM.
     return 'h200'
   if 'h100' in k:
