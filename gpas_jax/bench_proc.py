@@ -52,7 +52,7 @@ class Worker:
     self.name, self.kind, self.spec = name, kind, spec
     env = dict(env)
     env['PYTHONPATH'] = REPO_ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    cmd = [sys.executable, '-m', 'gpas_jax.bench_proc', kind, json.dumps(spec)]
+    cmd = [sys.executable, '-m', 'gpas_jax.bench_worker', kind, json.dumps(spec)]
     self._stderr = tempfile.TemporaryFile(mode='w+')
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=self._stderr, text=True, cwd=REPO_ROOT, env=env)
@@ -156,14 +156,3 @@ def other_share(a, b) -> float | None:
     return None
   return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / capacity)
 
-
-if __name__ == '__main__':
-  _kind, _spec = sys.argv[1], json.loads(sys.argv[2])
-  if _kind == 'torch':
-    from gpas_jax import bench_torch  # pylint: disable=g-import-not-at-top
-    serve(lambda: bench_torch.build_step(bench_torch.TorchSpec(**_spec)))
-  elif _kind == 'jax':
-    from gpas_jax import bench_jax  # pylint: disable=g-import-not-at-top
-    serve(lambda: bench_jax.build_worker_step(_spec))
-  else:
-    sys.exit(f'unknown worker kind {_kind!r} (torch, jax)')

@@ -15,6 +15,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.helpers import DATA_CACHE
 
+# The bench and trainer tests measure a CPU peak under load: keep it out of the user's cache.
+os.environ.setdefault('GPAS_CPU_PEAK_CACHE', os.path.join(DATA_CACHE, 'cpu_peak.json'))
+
 # Before any backend starts: sharding tests use meshes of these 8 CPU devices.
 jax.config.update('jax_num_cpu_devices', 8)
 

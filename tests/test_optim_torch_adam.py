@@ -119,11 +119,16 @@ RUNS = {'bf16': ('torch', 'bfloat16', 0.0, 0.0), 'bf16_clipped': ('torch', 'bflo
 def trajectories():
   """(identical fraction, worst difference) of each run in RUNS, at XLA's default -O level."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace('--xla_backend_optimization_level=0', '')
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_backend_optimization_level')]
+  env['XLA_FLAGS'] = ' '.join(flags)
+  if not flags:
+    del env['XLA_FLAGS']
   code = ('import json, sys; from tests import test_optim_torch_adam as t; '
           'print(json.dumps({k: t._run(*v) for k, v in t.RUNS.items()}))')
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
