@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -115,22 +114,6 @@ def peak_flops(device_kind: Optional[str] = None, dtype: str = 'bfloat16') -> Op
   if name is None:
     return None
   return PEAK_FLOPS[name].get(str(jnp.dtype(dtype)) if dtype != 'tfloat32' else dtype)
-
-
-def measure_cpu_peak_flops(dtype: str = 'float32', n: int = 1024, repeats: int = 5) -> float:
-  """Times a jitted n x n matmul on the CPU and returns the best FLOP/s over `repeats` runs."""
-  cpu = jax.devices('cpu')[0]
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), cpu)
-  b = jax.device_put(jax.random.normal(key_b, (n, n), dtype), cpu)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()  # compile and warm the caches outside the timing
-  best = math.inf
-  for _ in range(max(1, repeats)):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n**3 / best
 
 
 def format_duration(seconds: float) -> str:
