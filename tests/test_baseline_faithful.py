@@ -236,3 +236,23 @@ def test_init_from_loads_weights_then_resume_keeps_its_own(tmp_path):
   c.init_from = str(tmp_path / 'gone.safetensors')
   c.num_train_steps = 3
   assert trainer.train(c, str(tmp_path / 'run'), jax.devices()[:1])['step'] == 3
+
+
+def test_eval_token_rows_are_read_in_order_up_to_the_budget(tmp_path):
+  rows = _rows(5 * 4, seed=2)
+  np.save(tmp_path / 'rows.npy', rows)
+  np.save(tmp_path / 'val.npy', rows[::-1])
+  from gpas_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  c = _config(tmp_path, 'pre')
+  assert data_lib.make_eval_batches(c, 0, 1) is None  # no eval_tokens_path: no eval set
+  c = _config(tmp_path, 'pre', **{'data.eval_tokens_path': str(tmp_path / 'val.npy'),
+                                   'data.eval_batch_size': 4, 'data.eval_tokens': 20})
+  val = rows[::-1]
+  need = np.searchsorted(np.cumsum([(val[i:i + 4] != 0).sum() for i in range(0, 20, 4)]), 20) + 1
+  for _ in range(2):  # re-iterable: the same batches every eval
+    batches = list(data_lib.make_eval_batches(c, 0, 1))
+    assert len(batches) == need
+    for i, b in enumerate(batches):
+      np.testing.assert_array_equal(b['input_ids'], val[4 * i:4 * i + 4])
+  host1 = list(data_lib.make_eval_batches(c, 1, 2))  # host 1 of 2: the second half of each batch
+  np.testing.assert_array_equal(host1[0]['input_ids'], val[2:4])

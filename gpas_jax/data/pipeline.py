@@ -192,8 +192,8 @@ class EvalBatches:
     self._budget = d.eval_tokens
     self._layout, self._length, self._pad_id, self._eos_id = (
         d.layout, d.max_length, d.pad_id, d.eos_id)
-    if d.source == 'tokens':
-      self._token_rows = tokens.EvalRows(config)
+    self._token_rows = tokens.EvalRows(config) if d.source == 'tokens' else None
+    if self._token_rows is not None:
       self._description = self._token_rows.description
       return
     self._read_options = _read_options(d.prefetch_buffer_size)
@@ -204,7 +204,7 @@ class EvalBatches:
     self._description = self._split.description
 
   def _global_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    if hasattr(self, '_token_rows'):
+    if self._token_rows is not None:
       return iter(self._token_rows)
     it = layouts.tokenized_documents(
         grain.MapDataset.source(self._split.source), self._sp, self._split.text_field,
@@ -234,8 +234,7 @@ class EvalBatches:
       logging.info('Eval split %s ran out at %d of data.eval_tokens=%d non-pad tokens.',
                    self._description, seen, self._budget)
     finally:
-      if hasattr(it, 'close'):
-        it.close()
+      it.close()
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, process_index: int | None = None,
