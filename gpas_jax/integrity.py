@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpas_jax import tree_paths
+
 _SEEDS = (0x9E3779B9, 0x7F4A7C15)
 
 
@@ -98,9 +100,7 @@ def _sums(tree: Any) -> Any:
       lambda x: _leaf_sums_host(np.asarray(x)) if _on_host(x) else _leaf_sums_jit(x), tree)
 
 
-def path_str(path: tuple) -> str:
-  """A jax key path as 'opt_state/0/mu/lm_head'."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+path_str = tree_paths.path_str  # 'opt_state/0/mu/lm_head': the keys of saved fingerprints
 
 
 def fingerprints(tree: Any) -> dict[str, str]:

@@ -29,25 +29,13 @@ import optax
 
 from gpas_jax import config as config_lib
 from gpas_jax import torch_optim
+from gpas_jax import tree_paths
 
 PyTree = Any
 KeyPath = tuple[Any, ...]
 
 # Trailing attribute keys that nnx.Variable leaves add to a path in an nnx.State.
 _VARIABLE_ATTRS = ('value', 'raw_value')
-
-
-def _key_name(key: Any) -> Any:
-  """Returns the plain name of one jax key-path entry."""
-  if isinstance(key, jax.tree_util.DictKey):
-    return key.key
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return key.idx
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return key.key
-  return key
 
 
 def _strip_variable_attr(path: KeyPath) -> KeyPath:
@@ -61,13 +49,13 @@ def _strip_variable_attr(path: KeyPath) -> KeyPath:
 
 def path_str(path: KeyPath) -> str:
   """Returns a key path as 'layers/3/gpas/gate' (without the nnx `.value` suffix)."""
-  return '/'.join(str(_key_name(k)) for k in _strip_variable_attr(path))
+  return tree_paths.path_str(_strip_variable_attr(path))
 
 
 def is_gate_path(path: KeyPath) -> bool:
   """Returns whether a jax key path names a GPAS gate: its last key is the string 'gate'."""
   path = _strip_variable_attr(path)
-  return bool(path) and _key_name(path[-1]) == 'gate'
+  return bool(path) and tree_paths.key_name(path[-1]) == 'gate'
 
 
 def gate_mask(tree: PyTree) -> PyTree:

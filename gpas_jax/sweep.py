@@ -1,11 +1,13 @@
-"""Runs a sweep (norm_type x size x seed) one run after another, or prints its commands.
+"""Runs a sweep (norm_type x size x seed), one run after another or N at once, or prints it.
 
     python -m gpas_jax.sweep --sweep configs/sweeps/cpu_study.py --root runs/cpu_study
+    python -m gpas_jax.sweep --sweep configs/sweeps/deep_cpu_study.py --root runs/deep --parallel 2
     python -m gpas_jax.sweep --sweep configs/sweeps/paper_table.py --root gs://b/runs --print_only
 
 A sweep config's `get_config()` returns a ConfigDict with:
   base_config  the train config file of each size: a mapping size -> file, or one path where
-               '{size}' is replaced by the size name (e.g. 'configs/llama_{size}.py')
+               '{size}' is replaced by the size name (e.g. 'configs/llama_{size}.py'); a file
+               may carry its get_config argument ('configs/deep_cpu.py:bfloat16')
   norm_types, sizes, seeds   the product to run
   overrides    extra `--config.<key>=<value>` flags for every run (nested dicts give dotted keys;
                empty strings are left out, so a sweep can list the flags a user must fill in)
@@ -19,6 +21,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -46,18 +49,28 @@ class SweepRun:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def split_config_arg(spec: str) -> tuple[str, str]:
+  """('configs/deep_cpu.py', ':bfloat16') of a config spec; the argument part may be empty."""
+  path, sep, arg = spec.partition('.py:')
+  return (path + '.py', ':' + arg) if sep else (spec, '')
+
+
 def resolve(path: str) -> str:
-  """A relative path ('configs/tiny.py', 'train.py') as given when it exists from here, else the
-  one in the clone (or installed package) this module belongs to, so tools run from anywhere."""
+  """A relative path ('configs/tiny.py', 'train.py', 'configs/deep_cpu.py:bfloat16') as given
+  when it exists from here, else the one in the clone (or installed package) this module belongs
+  to, so tools run from anywhere. A config file's ':argument' is kept."""
+  path, arg = split_config_arg(path)
   if os.path.isabs(path) or os.path.exists(path):
-    return path
+    return path + arg
   candidate = os.path.join(_ROOT, path)
-  return candidate if os.path.exists(candidate) else path
+  return (candidate if os.path.exists(candidate) else path) + arg
 
 
 def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
-  """Calls get_config(*args) of a Python config file (found as resolve() finds it)."""
-  path = resolve(path)
+  """Calls get_config(*args) of a Python config file (found as resolve() finds it); a
+  'file.py:argument' spec passes its argument first."""
+  path, arg = split_config_arg(resolve(path))
+  args = ((arg[1:],) if arg else ()) + args
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist.')
   if _ROOT not in sys.path:  # Config files import `configs.base`; it is there when uninstalled.
@@ -124,20 +137,75 @@ def is_finished(workdir: str) -> bool:
   return epath.Path(workdir, 'summary.json').exists()
 
 
+def core_groups(parallel: int, cores: Sequence[int] | None = None) -> list[list[int]]:
+  """The CPU cores of each of `parallel` concurrent runs: disjoint, as even as the cores allow."""
+  cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+  if not 1 <= parallel <= len(cores):
+    raise ValueError(f'--parallel={parallel}: this machine gives {len(cores)} cores; use '
+                     f'1..{len(cores)} concurrent runs.')
+  return [cores[k::parallel] for k in range(parallel)]
+
+
+def _child_env(cores: Sequence[int] | None) -> dict[str, str]:
+  env = dict(os.environ)
+  if cores is not None and len(cores) == 1:
+    # One core: XLA:CPU's Eigen pool would only add thread hand-offs.
+    flags_ = env.get('XLA_FLAGS', '')
+    env['XLA_FLAGS'] = (flags_ + ' --xla_cpu_multi_thread_eigen=false '
+                        'intra_op_parallelism_threads=1').strip()
+  return env
+
+
 def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
-              train_script: str = 'train.py', skip_finished: bool = False) -> list[SweepRun]:
-  """Runs each run in turn (failures do not stop the sweep); returns the runs that failed."""
-  failed = []
+              train_script: str = 'train.py', skip_finished: bool = False,
+              parallel: int = 1) -> list[SweepRun]:
+  """Runs the runs (failures do not stop the sweep); returns the runs that failed.
+
+  parallel=1 runs one after another with their output on this console. parallel=N>1 (CPU hosts)
+  runs N at once, each pinned to its own cores (core_groups) with its output in WORKDIR.log.
+  """
+  groups = core_groups(parallel) if parallel > 1 else [None]
+  todo = []
   for k, run in enumerate(runs, 1):
     if skip_finished and is_finished(run.workdir):
       console.say(f'[{k}/{len(runs)}] {run.workdir}: finished, skipped.')
-      continue
-    argv = command(run, python, train_script)
-    console.say(f'[{k}/{len(runs)}] {shlex.join(argv)}')
-    rc = subprocess.run(argv, check=False).returncode
-    if rc != 0:
-      logging.error('[%d/%d] %s exited with %d.', k, len(runs), run.workdir, rc)
-      failed.append(run)
+    else:
+      todo.append((k, run))
+  failed, running = [], {}  # slot -> (k, run, process, log file)
+  while todo or running:
+    for slot in range(len(groups)):
+      if slot in running or not todo:
+        continue
+      k, run = todo.pop(0)
+      argv = command(run, python, train_script)
+      cores = groups[slot]
+      log = None
+      if cores is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
+        log = open(run.workdir.rstrip('/') + '.log', 'a', encoding='utf-8')
+      console.say(f'[{k}/{len(runs)}]' + (f' cores {cores}:' if cores else '') +
+                  f' {shlex.join(argv)}')
+      # The child inherits this thread's affinity (no preexec_fn: it forces a fork).
+      own = os.sched_getaffinity(0)
+      if cores:
+        os.sched_setaffinity(0, cores)
+      try:
+        proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            argv, env=_child_env(cores), stdout=log, stderr=subprocess.STDOUT if log else None)
+      finally:
+        os.sched_setaffinity(0, own)
+      running[slot] = (k, run, proc, log)
+    done = [s for s, (_, _, p, _) in running.items() if p.poll() is not None]
+    if not done:
+      time.sleep(0.5)
+    for slot in done:
+      k, run, proc, log = running.pop(slot)
+      if log is not None:
+        log.close()
+      if proc.returncode != 0:
+        logging.error('[%d/%d] %s exited with %d%s.', k, len(runs), run.workdir,
+                      proc.returncode, f' (output in {log.name})' if log else '')
+        failed.append(run)
   return failed
 
 
@@ -152,6 +220,8 @@ def define_flags() -> None:
   flags.DEFINE_string('train_script', 'train.py', 'The training entry point; a relative path '
                       "not found here is taken from this package's clone.")
   flags.DEFINE_string('python', None, 'Interpreter; default this one (`python` when printing).')
+  flags.DEFINE_integer('parallel', 1, 'Runs at once on this host, each pinned to its share of '
+                       'the CPU cores (its output in WORKDIR.log); for CPU-only studies.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -160,8 +230,12 @@ def main(argv: Sequence[str]) -> None:
   console.quiet_logs()
   f = flags.FLAGS
   runs = plan(f.sweep, f.root)
+  try:
+    core_groups(f.parallel)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   for run in runs:
-    if not os.path.isfile(resolve(run.config_file)):
+    if not os.path.isfile(split_config_arg(resolve(run.config_file))[0]):
       raise app.UsageError(f'{run.config_file} (size {run.size}) does not exist.')
   if f.print_only:  # Paths as the sweep file gives them: a scheduler runs them from the clone.
     for run in runs:
@@ -174,7 +248,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'--train_script={f.train_script!r} does not exist (train.py is in the '
                          'clone, not in an installed package): run from the clone, install it '
                          'with `pip install -e .`, or pass the path of its train.py.')
-  failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished)
+  failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished,
+                     f.parallel)
   if failed:
     logging.error('%d of %d runs failed: %s', len(failed), len(runs),
                   ', '.join(r.workdir for r in failed))

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gpas_jax import tree_paths
+
 PyTree = Any
 
 
@@ -55,7 +57,7 @@ def bias_correction(beta: float, t: jax.Array) -> jax.Array:
 
 def _is_stacked_path(path: tuple) -> bool:
   """A leaf of a scanned stack: 'layers' followed by a name, not by a layer index."""
-  keys = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path]
+  keys = [tree_paths.key_name(k) for k in path]
   for i, k in enumerate(keys[:-1]):
     if k == 'layers' and not isinstance(keys[i + 1], int):
       return True

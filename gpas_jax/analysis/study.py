@@ -1,0 +1,224 @@
+"""`python -m gpas_jax.analysis.study --root RUNS --out DIR`: a seeded GPAS study's report.
+
+For a sweep of base and +GPAS runs over several seeds (configs/sweeps/deep_cpu_study.py):
+- table.md / table.csv: final eval perplexity, mean ± std per size and norm type (table.py);
+- deltas.md / deltas.csv: each GPAS delta (GPAS minus base perplexity) paired by seed (same
+  seed: the same data order and the same initial weights of every shared parameter), with its
+  95% t interval and the paired t-test's two-sided p-value, plus Welch's unpaired p-value;
+- per size: the compare figures (loss, per-layer variance and gradient norms, heatmaps on one
+  scale, layer importance over seeds), the last layer's variance over training, and seed 0's
+  per-run figures (variance heatmap, gradient norms, gates) under <size>/<norm_type>/.
+Layer importance is computed from each run's last checkpoint when analysis/importance.json is
+missing (`--importance_batches` eval batches each).
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import statistics
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+from scipy import stats as sp_stats
+
+from gpas_jax import console
+from gpas_jax.analysis import cli
+from gpas_jax.analysis import compare
+from gpas_jax.analysis import plots
+from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.analysis import table as table_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """GPAS minus base final eval perplexity of one (size, base), over the seeds both finished."""
+  size: str
+  base: str
+  seeds: tuple[int, ...]
+  diffs: tuple[float, ...]  # per seed, GPAS - base
+  base_values: tuple[float, ...]
+  gpas_values: tuple[float, ...]
+
+  @property
+  def n(self) -> int:
+    return len(self.diffs)
+
+  @property
+  def mean(self) -> float:
+    return statistics.fmean(self.diffs)
+
+  @property
+  def std(self) -> float | None:
+    return statistics.stdev(self.diffs) if self.n > 1 else None
+
+  def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+    """The t interval of the mean paired difference (n - 1 degrees of freedom)."""
+    if self.n < 2:
+      return None
+    half = sp_stats.t.ppf(0.5 + level / 2, self.n - 1) * self.std / math.sqrt(self.n)
+    return self.mean - half, self.mean + half
+
+  @property
+  def p_paired(self) -> float | None:
+    """Two-sided p of the paired t-test (NaN when every difference is equal)."""
+    if self.n < 2:
+      return None
+    return float(sp_stats.ttest_rel(self.gpas_values, self.base_values).pvalue)
+
+  @property
+  def p_welch(self) -> float | None:
+    """Two-sided p of Welch's unpaired t-test on the same perplexities."""
+    if self.n < 2:
+      return None
+    return float(sp_stats.ttest_ind(self.gpas_values, self.base_values,
+                                    equal_var=False).pvalue)
+
+
+def paired_deltas(runs: Sequence[runs_lib.RunDir]) -> list[Delta]:
+  """One Delta per (size, base) that has finished base and GPAS runs of at least one shared seed."""
+  ppl: dict[tuple[str, str, int], float] = {}
+  for run in runs:
+    value = run.final_eval_ppl()
+    if value is not None and math.isfinite(value):
+      ppl[(run.size_name, run.norm_type, run.seed)] = value
+  out = []
+  sizes = sorted({k[0] for k in ppl}, key=table_lib.size_key)
+  bases = sorted({k[1].removesuffix('_gpas') for k in ppl},
+                 key=lambda b: (table_lib.BASES + (b,)).index(b))
+  for size in sizes:
+    for base in bases:
+      seeds = tuple(sorted(k for (s, n, k) in ppl if s == size and n == base
+                           and (size, f'{base}_gpas', k) in ppl))
+      if not seeds:
+        continue
+      b = tuple(ppl[(size, base, k)] for k in seeds)
+      g = tuple(ppl[(size, f'{base}_gpas', k)] for k in seeds)
+      out.append(Delta(size, base, seeds, tuple(y - x for x, y in zip(b, g)), b, g))
+  return out
+
+
+def _fmt(x: float | None, spec: str = '+.2f') -> str:
+  return '—' if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def deltas_markdown(deltas: Sequence[Delta]) -> str:
+  """The deltas as a Markdown table."""
+  lines = ['GPAS minus base final eval perplexity, paired by seed (negative: GPAS better). '
+           '95% CI: t interval of the mean paired difference; p: two-sided paired t-test '
+           "(Welch's unpaired test beside it).", '',
+           '| size | architecture | seeds | per-seed deltas | mean delta | 95% CI | p (paired) | '
+           'p (Welch) |', '|---|---|---|---|---|---|---|---|']
+  for d in deltas:
+    ci = d.interval()
+    lines.append(
+        f'| {d.size} | {d.base} vs {d.base}+GPAS | {",".join(map(str, d.seeds))} | '
+        f'{", ".join(_fmt(x) for x in d.diffs)} | {_fmt(d.mean)} | '
+        f'{"—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"} | '
+        f'{_fmt(d.p_paired, ".3f")} | {_fmt(d.p_welch, ".3f")} |')
+  return '\n'.join(lines) + '\n'
+
+
+def deltas_csv(deltas: Sequence[Delta]) -> str:
+  """The deltas as CSV, one row per (size, base)."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator='\n')
+  w.writerow(['size', 'base', 'n', 'seeds', 'diffs', 'mean', 'std', 'ci_low', 'ci_high',
+              'p_paired', 'p_welch'])
+  for d in deltas:
+    ci = d.interval() or (None, None)
+    w.writerow([d.size, d.base, d.n, ' '.join(map(str, d.seeds)),
+                ' '.join(repr(x) for x in d.diffs), repr(d.mean),
+                *('' if x is None else repr(float(x)) for x in (d.std, *ci, d.p_paired,
+                                                                 d.p_welch))])
+  return buf.getvalue()
+
+
+def variance_over_training_plot(groups: dict[str, list[runs_lib.RunDir]], path: str,
+                                title: str) -> str:
+  """The last layer's residual-stream variance against the step, mean ± std over seeds."""
+  fig, (ax,) = plots._figure()  # pylint: disable=protected-access
+  for label, rs in groups.items():
+    series = [(steps, vals) for steps, vals in
+              (plots._matrix(r.analysis(), 'act_var') for r in rs  # pylint: disable=protected-access
+               if r.analysis())]
+    if not series:
+      continue
+    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
+    rows = np.asarray([[v[list(s).index(t), -1] for t in common] for s, v in series])
+    plots._plot_band(ax, np.asarray(common), rows, label)  # pylint: disable=protected-access
+  ax.set_yscale('log')
+  ax.set_xlabel('training step')
+  ax.set_ylabel('residual-stream variance after the last layer')
+  ax.set_title(title)
+  ax.legend(fontsize='small')
+  return plots._save(fig, path)  # pylint: disable=protected-access
+
+
+def ensure_importance(runs: Sequence[runs_lib.RunDir], batches: int) -> None:
+  """Writes analysis/importance.json for each finished run that lacks it."""
+  for run in runs:
+    path = os.path.join(run.path, 'analysis', 'importance.json')
+    if run.finished and not os.path.exists(path):
+      with console.timed(f'layer importance of {run.path}'):
+        imp = cli.run_importance(run.path, max_batches=batches)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'w', encoding='utf-8') as f:
+        json.dump(imp, f, indent=1)
+
+
+def write_study(root: str, out_dir: str, importance_batches: int = 8) -> list[str]:
+  """Writes the tables and figures of the runs under root into out_dir; returns their paths."""
+  runs = sorted(runs_lib.find_runs(root), key=lambda r: r.path)
+  if not runs:
+    raise FileNotFoundError(f'no runs under {root}.')
+  os.makedirs(out_dir, exist_ok=True)
+  md, csv_path, _ = table_lib.write_table(root, out_dir)
+  deltas = paired_deltas(runs)
+  written = [md, csv_path]
+  for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas))):
+    with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
+      f.write(text)
+    written.append(os.path.join(out_dir, name))
+  if importance_batches:
+    ensure_importance(runs, importance_batches)
+  for size in sorted({r.size_name for r in runs}, key=table_lib.size_key):
+    of_size = [r for r in runs if r.size_name == size]
+    size_dir = os.path.join(out_dir, size)
+    written += compare.compare_runs([r.path for r in of_size], size_dir)
+    groups: dict[str, list[runs_lib.RunDir]] = {}
+    for r in sorted(of_size, key=lambda r: (r.norm_type, r.seed)):
+      groups.setdefault(r.norm_type, []).append(r)
+    written.append(variance_over_training_plot(
+        groups, os.path.join(size_dir, 'last_layer_variance.png'),
+        f'{size}: variance after the last layer over training'))
+    for norm_type, rs in groups.items():
+      written += cli.analyze_run(rs[0].path, os.path.join(size_dir, norm_type), importance=False)
+  return written
+
+
+def define_flags() -> None:
+  """Defines this tool's flags (only when run as a program)."""
+  flags.DEFINE_string('root', None, 'Folder searched (at any depth) for the runs.', required=True)
+  flags.DEFINE_string('out', None, 'Output folder of the tables and figures.', required=True)
+  flags.DEFINE_integer('importance_batches', 8, 'Eval batches per layer-importance measurement; '
+                       '0 skips runs without analysis/importance.json.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
+  f = flags.FLAGS
+  written = write_study(f.root, f.out, f.importance_batches)
+  print(open(os.path.join(f.out, 'deltas.md'), encoding='utf-8').read())
+  print(f'Wrote {len(written)} files under {f.out}.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
