@@ -91,6 +91,15 @@ def test_study_report_of_real_runs(tmp_path):
   (d,) = study.paired_deltas(list(runs_lib.find_runs(root)))
   np.testing.assert_allclose(d.diffs, [ppl['pre_gpas', k] - ppl['pre', k] for k in (0, 1)])
   assert all(x != 0 for x in d.diffs)
+  # The dynamics rows are read from the runs' analysis records.
+  rows = {r['norm_type']: r for r in study.dynamics_rows(list(runs_lib.find_runs(root)))}
+  assert set(rows) == {'pre', 'pre_gpas'} and rows['pre']['seeds'] == 2
+  assert rows['pre']['end_gates'] == '—' and rows['pre_gpas']['end_gates'] != '—'
+  recs = [r.analysis() for r in runs_lib.find_runs(root) if r.norm_type == 'pre']
+  peaks = [max(x['act_var'][-1] for x in rs) for rs in recs]
+  assert rows['pre']['peak_var_last'] == (
+      f'{np.mean(peaks):.3g} ± {np.std(peaks, ddof=1):.2g}')
+  assert 'dynamics.md' in rel
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='needs two cores')

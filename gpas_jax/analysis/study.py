@@ -5,6 +5,8 @@ For a sweep of base and +GPAS runs over several seeds (configs/sweeps/deep_cpu_s
 - deltas.md / deltas.csv: each GPAS delta (GPAS minus base perplexity) paired by seed (same
   seed: the same data order and the same initial weights of every shared parameter), with its
   95% t interval and the paired t-test's two-sided p-value, plus Welch's unpaired p-value;
+- dynamics.md: per size and norm type, the last layer's variance at its peak and at the end,
+  the variance spread over depth, first/last layer gradient norms and the final gates;
 - per size: the compare figures (loss, per-layer variance and gradient norms, heatmaps on one
   scale, layer importance over seeds), the last layer's variance over training, and seed 0's
   per-run figures (variance heatmap, gradient norms, gates) under <size>/<norm_type>/.
@@ -138,6 +140,69 @@ def deltas_csv(deltas: Sequence[Delta]) -> str:
   return buf.getvalue()
 
 
+def _mean_std(values: Sequence[float]) -> str:
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  if not values:
+    return '—'
+  if len(values) == 1:
+    return f'{values[0]:.3g}'
+  return f'{statistics.fmean(values):.3g} ± {statistics.stdev(values):.2g}'
+
+
+def dynamics_rows(runs: Sequence[runs_lib.RunDir]) -> list[dict[str, Any]]:
+  """Per (size, norm_type), over seeds: the last layer's residual variance at its peak and at
+  the end, the end's spread over depth (largest / smallest over layers 1..L), the last step's
+  gradient norms of layer 1 and layer L, and the final gates' range (analysis.jsonl)."""
+  groups: dict[tuple[str, str], list[runs_lib.RunDir]] = {}
+  for r in runs:
+    if r.analysis():
+      groups.setdefault((r.size_name, r.norm_type), []).append(r)
+  rows = []
+  for (size, norm_type), rs in sorted(groups.items(),
+                                       key=lambda kv: (table_lib.size_key(kv[0][0]), kv[0][1])):
+    peak, peak_step, end, spread, g_first, g_last, gates = [], [], [], [], [], [], []
+    for r in rs:
+      recs = r.analysis()
+      last_L = [rec['act_var'][-1] for rec in recs]
+      k = int(np.argmax(last_L))
+      peak.append(last_L[k])
+      peak_step.append(recs[k]['step'])
+      act = np.asarray(recs[-1]['act_var'][1:], np.float64)
+      end.append(float(act[-1]))
+      spread.append(float(act.max() / act.min()))
+      grads = recs[-1].get('grad_norm') or [math.nan]
+      g_first.append(float(grads[0]))
+      g_last.append(float(grads[-1]))
+      if recs[-1].get('gate') is not None:
+        gates.extend(np.asarray(recs[-1]['gate'], np.float64).reshape(-1).tolist())
+    rows.append({
+        'size': size, 'norm_type': norm_type, 'seeds': len(rs),
+        'peak_var_last': _mean_std(peak), 'peak_step': ','.join(str(s) for s in peak_step),
+        'end_var_last': _mean_std(end), 'end_depth_spread': _mean_std(spread),
+        'end_grad_layer1': _mean_std(g_first), 'end_grad_layerL': _mean_std(g_last),
+        'end_gates': (f'{min(gates):+.4f}..{max(gates):+.4f}' if gates else '—'),
+        'step': recs[-1]['step']})
+  return rows
+
+
+def dynamics_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """dynamics_rows as a Markdown table."""
+  lines = ['Training dynamics from analysis.jsonl, mean ± std over seeds: the residual-stream '
+           'variance after the last layer at its peak (and the steps of the peaks) and at the '
+           'last record; the spread of the last record over depth (largest / smallest variance '
+           'of layers 1..L); the gradient norms of layers 1 and L at the last record; all '
+           "seeds' final gates (min..max).", '',
+           '| size | norm type | seeds | peak last-layer var (steps) | final last-layer var | '
+           'final depth spread | grad norm layer 1 | grad norm layer L | final gates | step |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['size']} | {r['norm_type']} | {r['seeds']} | {r['peak_var_last']} "
+                 f"({r['peak_step']}) | {r['end_var_last']} | {r['end_depth_spread']} | "
+                 f"{r['end_grad_layer1']} | {r['end_grad_layerL']} | {r['end_gates']} | "
+                 f"{r['step']} |")
+  return '\n'.join(lines) + '\n'
+
+
 def variance_over_training_plot(groups: dict[str, list[runs_lib.RunDir]], path: str,
                                 title: str) -> str:
   """The last layer's residual-stream variance against the step, mean ± std over seeds."""
@@ -180,7 +245,8 @@ def write_study(root: str, out_dir: str, importance_batches: int = 8) -> list[st
   md, csv_path, _ = table_lib.write_table(root, out_dir)
   deltas = paired_deltas(runs)
   written = [md, csv_path]
-  for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas))):
+  for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas)),
+                     ('dynamics.md', dynamics_markdown(dynamics_rows(runs)))):
     with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
       f.write(text)
     written.append(os.path.join(out_dir, name))
