@@ -64,9 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   # 'float32': cross-entropy on float32 logits | 'compute': on the compute-dtype logits, as the
   # baseline's F.cross_entropy on its bf16 logits (log-probabilities rounded to bf16).
   m.loss_dtype = 'float32'
-  # True: q/k/v and gate/up each as one matmul against the concatenated weights (the parameters
-  # and their names stay separate). Same values; fewer, larger GEMMs.
-  m.fuse_projections = False
 
   c.data = ml_collections.ConfigDict()
   d = c.data

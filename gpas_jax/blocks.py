@@ -45,10 +45,8 @@ class DecoderBlock(nnx.Module):
       mlp_std = layers.xavier_std(d, f, beta)
     self.self_attn = layers.Attention(d, cfg.num_heads, rngs, std=std, param_dtype=pd,
                                       compute_dtype=cd, impl=cfg.attention_impl,
-                                      logits_f32=cfg.attention_logits_dtype == 'float32',
-                                      fused=cfg.fuse_projections, **attn_kw)
-    self.mlp = layers.MLP(d, f, rngs, std=mlp_std, param_dtype=pd, compute_dtype=cd,
-                          fused=cfg.fuse_projections)
+                                      logits_f32=cfg.attention_logits_dtype == 'float32', **attn_kw)
+    self.mlp = layers.MLP(d, f, rngs, std=mlp_std, param_dtype=pd, compute_dtype=cd)
 
     lns = cfg.norm_type in ('lns', 'lns_gpas')
     lns_scale = 1.0 / jnp.sqrt(jnp.asarray(layer, jnp.promote_types(pd, jnp.float32)) + 1.0)

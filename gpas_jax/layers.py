@@ -173,10 +173,9 @@ class Attention(nnx.Module):
   def __init__(self, hidden: int, heads: int, rngs: nnx.Rngs, *, std: float = 0.02,
                qk_std: float | None = None, vo_std: float | None = None,
                param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32,
-               impl: str = 'xla', logits_f32: bool = False, fused: bool = False):
+               impl: str = 'xla', logits_f32: bool = False):
     self.heads, self.head_dim = heads, hidden // heads
     self.compute_dtype, self.impl, self.logits_f32 = compute_dtype, impl, logits_f32
-    self.fused = fused
     qk_std = std if qk_std is None else qk_std
     vo_std = std if vo_std is None else vo_std
     hk = (hidden, heads, self.head_dim)
@@ -192,15 +191,14 @@ class Attention(nnx.Module):
     t = n // batch
     cd = self.compute_dtype
 
-    ws = [w[...].astype(cd).reshape(d, -1) for w in (self.q_proj, self.k_proj, self.v_proj)]
-    if self.fused:  # One [D, 3HK] matmul: fewer, larger GEMMs (faster on CPU).
-      qkv_Nx3HK = x_NxD @ jnp.concatenate(ws, axis=1)
-      ys = jnp.split(qkv_Nx3HK, 3, axis=1)
-    else:
-      ys = [x_NxD @ w for w in ws]
-    q, k, v = (y.reshape(batch, t, self.heads, self.head_dim) for y in ys)
+    def project(w):
+      y_NxHK = x_NxD @ w[...].astype(cd).reshape(d, -1)
+      return y_NxHK.reshape(batch, t, self.heads, self.head_dim)
+
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = apply_rope(project(self.q_proj), cos, sin)
+    k = apply_rope(project(self.k_proj), cos, sin)
+    v = project(self.v_proj)
     q = sharding.constrain(q, ('batch', 'act_length', 'act_heads', 'act_kv'))
     out_BxTxHxK = causal_attention(q, k, v, segment_ids_BxT, self.impl,
                                    logits_f32=self.logits_f32)
@@ -211,20 +209,14 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, hidden: int, ffn: int, rngs: nnx.Rngs, *, std: float = 0.02,
-               param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32,
-               fused: bool = False):
-    self.compute_dtype, self.fused = compute_dtype, fused
+               param_dtype: jnp.dtype = jnp.float32, compute_dtype: jnp.dtype = jnp.float32):
+    self.compute_dtype = compute_dtype
     self.gate_proj = param(normal(rngs, (hidden, ffn), std, param_dtype), ('embed', 'mlp'))
     self.up_proj = param(normal(rngs, (hidden, ffn), std, param_dtype), ('embed', 'mlp'))
     self.down_proj = param(normal(rngs, (ffn, hidden), std, param_dtype), ('mlp', 'embed'))
 
   def __call__(self, x_NxD: jax.Array) -> jax.Array:
     cd = self.compute_dtype
-    w_gate, w_up = self.gate_proj[...].astype(cd), self.up_proj[...].astype(cd)
-    if self.fused:  # One [D, 2F] matmul for gate and up.
-      gate_NxF, up_NxF = jnp.split(x_NxD @ jnp.concatenate([w_gate, w_up], axis=1), 2, axis=1)
-    else:
-      gate_NxF, up_NxF = x_NxD @ w_gate, x_NxD @ w_up
-    h_NxF = jax.nn.silu(gate_NxF) * up_NxF
+    h_NxF = jax.nn.silu(x_NxD @ self.gate_proj[...].astype(cd)) * (x_NxD @ self.up_proj[...].astype(cd))
     h_NxF = sharding.constrain(h_NxF, ('act_tokens', 'act_mlp'))
     return h_NxF @ self.down_proj[...].astype(cd)

@@ -45,7 +45,6 @@ class ModelConfig:
   compute_dtype: str = 'float32'
   attention_impl: str = 'xla'
   attention_logits_dtype: str = 'compute'
-  fuse_projections: bool = False
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'ModelConfig':

@@ -71,35 +71,6 @@ def test_model_gradients_agree_across_attention_implementations():
         assert np.abs(a - b).max() <= tol * max(scale, 1e-30), impl
 
 
-@pytest.mark.parametrize('scan', [True, False])
-def test_fused_projections_compute_the_same_loss_and_gradients(scan):
-  # Same parameters (names and shapes unchanged), one GEMM per q/k/v and per gate/up: float64
-  # values and gradients agree to rounding; the parameter tree is identical.
-  cfg = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                              num_heads=2, norm_type='sandwich_gpas', scan_layers=scan,
-                              param_dtype='float64', compute_dtype='float64')
-  ids = jnp.asarray(np.random.default_rng(2).integers(2, 63, size=(2, 24)), jnp.int32)
-  with jax.enable_x64(True):
-    results = {}
-    for fused in (False, True):
-      model = model_lib.create_model(dataclasses.replace(cfg, fuse_projections=fused), seed=0)
-      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-      def loss_fn(p, graphdef=graphdef, rest=rest):
-        return model_lib.lm_loss(nnx.merge(graphdef, p, rest)(ids), ids)[0]
-
-      results[fused] = jax.jit(jax.value_and_grad(loss_fn))(params)
-    (l0, g0), (l1, g1) = results[False], results[True]
-    assert jax.tree.structure(g0) == jax.tree.structure(g1)
-    np.testing.assert_allclose(l1, l0, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-      assert np.abs(a - b).max() <= 1e-12 * max(np.abs(b).max(), 1e-30)
-    # The gradients are not trivially equal: q, k, v and gate, up differ from one another.
-    pure = g1.to_pure_dict()['stacks'][0]['layers']
-    attn = pure['self_attn'] if scan else pure[0]['self_attn']
-    assert np.abs(attn['q_proj'] - attn['k_proj']).max() > 0
-
-
 def test_unknown_attention_impl_is_rejected():
   q, k, v = _qkv(1, 4, 1, 2, jnp.float32)
   with pytest.raises(ValueError, match='allowed'):
