@@ -86,7 +86,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
         title='Residual-stream variance after each layer (one colour scale)'))
   importances, no_importance = {l: [] for l in groups}, []
   for l, r in zip(labels, runs):
-    imp = runs_lib.read_json(os.path.join(r.path, 'analysis', 'importance.json'))
+    imp = runs_lib.read_json(r.importance_path)
     if imp:
       importances[l].append(imp['importance'])
     else:

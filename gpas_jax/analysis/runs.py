@@ -122,6 +122,11 @@ class RunDir:
     """The records of analysis.jsonl, the last of each step."""
     return list(last_per_step(read_jsonl(os.path.join(self.path, 'analysis.jsonl')), 'act_var'))
 
+  @property
+  def importance_path(self) -> str:
+    """Where `python -m gpas_jax.analysis` (and the study) keep the run's layer importance."""
+    return os.path.join(self.path, 'analysis', 'importance.json')
+
   def last_step(self) -> int | None:
     """The highest step logged in metrics.jsonl, or None before the first log."""
     steps = [int(r['step']) for r in self.metrics() if 'step' in r]

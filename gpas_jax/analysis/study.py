@@ -153,16 +153,16 @@ def dynamics_rows(runs: Sequence[runs_lib.RunDir]) -> list[dict[str, Any]]:
   """Per (size, norm_type), over seeds: the last layer's residual variance at its peak and at
   the end, the end's spread over depth (largest / smallest over layers 1..L), the last step's
   gradient norms of layer 1 and layer L, and the final gates' range (analysis.jsonl)."""
-  groups: dict[tuple[str, str], list[runs_lib.RunDir]] = {}
+  groups: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
   for r in runs:
-    if r.analysis():
-      groups.setdefault((r.size_name, r.norm_type), []).append(r)
+    records = r.analysis()  # parsed once per run
+    if records:
+      groups.setdefault((r.size_name, r.norm_type), []).append(records)
   rows = []
-  for (size, norm_type), rs in sorted(groups.items(),
-                                       key=lambda kv: (table_lib.size_key(kv[0][0]), kv[0][1])):
+  for (size, norm_type), record_sets in sorted(
+      groups.items(), key=lambda kv: (table_lib.size_key(kv[0][0]), kv[0][1])):
     peak, peak_step, end, spread, g_first, g_last, gates = [], [], [], [], [], [], []
-    for r in rs:
-      recs = r.analysis()
+    for recs in record_sets:
       last_L = [rec['act_var'][-1] for rec in recs]
       k = int(np.argmax(last_L))
       peak.append(last_L[k])
@@ -176,7 +176,7 @@ def dynamics_rows(runs: Sequence[runs_lib.RunDir]) -> list[dict[str, Any]]:
       if recs[-1].get('gate') is not None:
         gates.extend(np.asarray(recs[-1]['gate'], np.float64).reshape(-1).tolist())
     rows.append({
-        'size': size, 'norm_type': norm_type, 'seeds': len(rs),
+        'size': size, 'norm_type': norm_type, 'seeds': len(record_sets),
         'peak_var_last': _mean_std(peak), 'peak_step': ','.join(str(s) for s in peak_step),
         'end_var_last': _mean_std(end), 'end_depth_spread': _mean_std(spread),
         'end_grad_layer1': _mean_std(g_first), 'end_grad_layerL': _mean_std(g_last),
@@ -208,9 +208,9 @@ def variance_over_training_plot(groups: dict[str, list[runs_lib.RunDir]], path: 
   """The last layer's residual-stream variance against the step, mean ± std over seeds."""
   fig, (ax,) = plots._figure()  # pylint: disable=protected-access
   for label, rs in groups.items():
-    series = [(steps, vals) for steps, vals in
-              (plots._matrix(r.analysis(), 'act_var') for r in rs  # pylint: disable=protected-access
-               if r.analysis())]
+    record_sets = [recs for recs in (r.analysis() for r in rs) if recs]  # parsed once per run
+    series = [plots._matrix(recs, 'act_var')  # pylint: disable=protected-access
+              for recs in record_sets]
     if not series:
       continue
     common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
@@ -227,7 +227,7 @@ def variance_over_training_plot(groups: dict[str, list[runs_lib.RunDir]], path: 
 def ensure_importance(runs: Sequence[runs_lib.RunDir], batches: int) -> None:
   """Writes analysis/importance.json for each finished run that lacks it."""
   for run in runs:
-    path = os.path.join(run.path, 'analysis', 'importance.json')
+    path = run.importance_path
     if run.finished and not os.path.exists(path):
       with console.timed(f'layer importance of {run.path}'):
         imp = cli.run_importance(run.path, max_batches=batches)
