@@ -132,6 +132,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.analysis = ml_collections.ConfigDict()
   c.analysis.every_steps = 0  # 0 disables per-layer statistics during training.
 
+  # A profiler trace of train steps start_step .. start_step + num_steps - 1 (step 1 compiles),
+  # for TensorBoard's profile plugin or ui.perfetto.dev (its perfetto_trace.json.gz).
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 0  # 0 disables.
+  c.profile.num_steps = 3
+  c.profile.dir = ''  # '' -> WORKDIR/profile
+
   c.debug = ml_collections.ConfigDict()  # test hooks; never set in a real run
   c.debug.inject_nan_step = -1  # poison this step's loss and gradients with NaN
   c.debug.inject_nan_count = 1  # ... and the steps after it, this many in all

@@ -21,6 +21,7 @@ re-executed by gpas_jax/allocator.py with the fastest malloc installed, as `pyth
 does. `--json` prints every figure as one JSON object on stdout (the report goes to stderr).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -181,12 +182,31 @@ def _worker_variants(config, other_mallocs, torch, torch_compile, torch_threads,
   return workers, comps
 
 
+def _profile(main: bench_jax.JaxVariant, trace_dir: str, steps: int, log) -> dict[str, Any]:
+  """Traces `steps` steps of `main` into trace_dir; where their time goes, as a dict."""
+  from gpas_jax import profiling  # pylint: disable=import-outside-toplevel
+  log(f'[bench] tracing {steps} steps of {main.name} into {trace_dir}')
+  times = profiling.capture(main.step, steps, trace_dir)
+  summary = profiling.summarize(profiling.latest_trace(trace_dir), main.compiled.as_text(),
+                                steps, 1e3 * bench_report.median(times))
+  groups = lambda gs: [dataclasses.asdict(g) | {'gflops_per_s': g.gflops_per_s} for g in gs]
+  return {'trace_file': summary.trace_file, 'steps': steps, 'step_ms': summary.step_ms,
+          'thread_busy': summary.thread_busy, 'dot_ms': summary.dot_ms,
+          'other_ms': summary.other_ms, 'dots': groups(summary.dots),
+          'others': groups(summary.others), 'text': profiling.format_summary(summary)}
+
+
 def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: bool = True,
                   baseline_faithful: bool = True, other_mallocs: bool = True, torch: bool = False,
                   torch_compile: bool = True, torch_compile_timeout_s: float = 300.0,
                   torch_threads: int = 0, tries: tuple[str, ...] = (),
-                  remeasure_cpu_peak: bool = False, devices=None, log=print) -> dict[str, Any]:
-  """Runs the benchmark and returns its figures (see the module docstring)."""
+                  remeasure_cpu_peak: bool = False, profile_dir: str = '', profile_steps: int = 3,
+                  devices=None, log=print) -> dict[str, Any]:
+  """Runs the benchmark and returns its figures (see the module docstring).
+
+  profile_dir: afterwards, trace `profile_steps` more steps of the main variant there and add
+  where their time goes (gpas_jax/profiling.py) as results['profile'].
+  """
   import jax  # pylint: disable=import-outside-toplevel
   from gpas_jax import cpu_peak  # pylint: disable=import-outside-toplevel
   from gpas_jax import metrics  # pylint: disable=import-outside-toplevel
@@ -247,6 +267,8 @@ def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: boo
   results['other_processes_cpu_share'] = bench_proc.other_share(cpu0, cpu1)
   results['loadavg_after'] = os.getloadavg()
   results['main'] = main.name
+  if profile_dir:  # after the workers are gone: nothing else runs while it traces
+    results['profile'] = _profile(main, profile_dir, profile_steps, log)
 
   tokens = main.batch_size * main.seq
   flops = metrics.training_flops_per_step(main.s.model_config, main.batch_size, main.seq)
@@ -304,6 +326,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if f.steps < 1 or f.warmup < 0:
     raise ValueError(f'--steps={f.steps} must be >= 1 and --warmup={f.warmup} >= 0')
+  if f.profile_dir and f.profile_steps < 1:
+    raise ValueError(f'--profile_steps={f.profile_steps} must be >= 1 with --profile_dir')
   for text in f['try'].value or []:
     bench_jax.apply_overrides(f.config, bench_jax.parse_overrides(text)[0])  # fail fast
   log = (lambda s: print(s, file=sys.stderr, flush=True)) if f.json else print
@@ -313,7 +337,8 @@ def main(argv: list[str]) -> None:
                           torch_compile=f.torch_compile,
                           torch_compile_timeout_s=f.torch_compile_timeout,
                           torch_threads=f.torch_threads, tries=tuple(f['try'].value or ()),
-                          remeasure_cpu_peak=f.remeasure_cpu_peak, log=log)
+                          remeasure_cpu_peak=f.remeasure_cpu_peak,
+                          profile_dir=f.profile_dir, profile_steps=f.profile_steps, log=log)
   report = format_report(results)
   if f.json:
     print(report, file=sys.stderr, flush=True)
@@ -343,6 +368,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool('remeasure_cpu_peak', False,
                     'Measure the CPU peak again (keeps the larger of it and the cached one).')
   flags.DEFINE_bool('json', False, 'Print the figures as one JSON object on stdout.')
+  flags.DEFINE_string('profile_dir', '', 'Afterwards trace --profile_steps steps of the main '
+                      'variant into this directory and print where their time goes.')
+  flags.DEFINE_integer('profile_steps', 3, 'Steps traced with --profile_dir.')
 
 
 if __name__ == '__main__':

@@ -163,6 +163,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append('WARNING: the machine was busy with other work; absolute CPU timings are '
                  'unreliable and ratios lean against PyTorch (its OpenMP threads lose more than '
                  'XLA\'s pool on oversubscribed cores). Rerun on an idle machine for final figures.')
+  if 'profile' in r:
+    lines.append(r['profile']['text'])
   return '\n'.join(lines)
 
 

@@ -137,6 +137,8 @@ RANGES = (
     ('data.eos_id', 0, None, False, False, True, ''),
     ('mesh.dcn_data', 1, None, False, False, True, ''),
     ('analysis.every_steps', 0, None, False, False, True, '0 disables'),
+    ('profile.start_step', 0, None, False, False, True, '0 disables; step 1 compiles'),
+    ('profile.num_steps', 1, None, False, False, True, ''),
 )
 
 

@@ -22,6 +22,7 @@ from gpas_jax import faults
 from gpas_jax import init_from
 from gpas_jax import metrics as metrics_lib
 from gpas_jax import model as model_lib
+from gpas_jax import profiling
 from gpas_jax import steps
 from gpas_jax import workdir as workdir_lib
 from gpas_jax.gpas import forward_scale
@@ -92,6 +93,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   data_lib.validate_data(config)
   with workdir_lib.lock(workdir):
     return _train(config, workdir, devices)
+
+
+def _trace_window(config: ml_collections.ConfigDict, workdir: str) -> profiling.TraceWindow:
+  """config.profile's trace window; each process of a multi-process run traces into its own dir."""
+  p = config.get('profile') or ml_collections.ConfigDict({'start_step': 0, 'num_steps': 1})
+  trace_dir = p.get('dir') or os.path.join(workdir, 'profile')
+  if jax.process_count() > 1:
+    trace_dir = os.path.join(trace_dir, f'process_{jax.process_index()}')
+  return profiling.TraceWindow(p.start_step, p.num_steps, trace_dir)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
@@ -165,9 +175,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     saver.save(step, state, train_iter, meta)
 
   window, pending = console.StepWindow(), None
+  trace = _trace_window(config, workdir)
   with faults.StopSignals(jax.process_count()) as preemption:
     for step in range(start, total):
       batch = steps.global_batch(s, next(train_iter))
+      trace.before(step + 1)
       if step == start:  # the first call compiles: time it apart from the step times
         with console.timed(f'compiling the train step (and running step {start + 1})'):
           state, m = train_step(state, batch)
@@ -177,6 +189,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       else:
         state, m = train_step(state, batch)
         window.add(m['loss'])
+      if trace.due(step + 1):
+        jax.block_until_ready(state)  # the traced steps run to their end inside the trace
+        with window.excluded():  # writing the trace is not train time
+          trace.close()
+        console.say(f'profiler trace of steps {trace.start}..{step + 1}: {trace.trace_dir}')
       saver.poll()  # a failed asynchronous save stops the run here, not one interval later
       if pending is not None:  # one step behind, so the host does not stall the device
         check(*pending)
@@ -223,6 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         logging.warning('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
                         'resume.', preemption.requested, done)
         break
+  trace.close()
   saver.wait()
   manager.close()
   finished = int(jax.device_get(state['step'])) >= total
