@@ -72,6 +72,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  # XLA:CPU's dots on Eigen (a faster step; gpas_jax/xla_flags.py). GPAS_XLA_CPU_DEFAULTS=0 opts out.
+  from gpas_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply_cpu_defaults()
   # CPU hosts: re-exec with a fast malloc preloaded (jemalloc, or mimalloc from the pip wheel;
   # ~15-25% faster steps; see gpas_jax/allocator.py). GPAS_ALLOCATOR=default opts out.
   from gpas_jax import allocator  # pylint: disable=g-import-not-at-top

@@ -33,6 +33,7 @@ from gpas_jax import bench_jax
 from gpas_jax import bench_proc
 from gpas_jax import bench_report
 from gpas_jax import bench_torch
+from gpas_jax import xla_flags
 
 TARGETS = bench_report.TARGETS
 gpas_counterpart = bench_jax.gpas_counterpart
@@ -224,6 +225,7 @@ def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: boo
       'device': dev.device_kind, 'platform': dev.platform, 'jax_version': jax.__version__,
       'cpu_model': cpu_peak.cpu_model(), 'cpu_count': os.cpu_count(),
       'jax_allocator': allocator.describe(), 'malloc_preference': list(allocator.PREFERENCE),
+      'xla_flags': xla_flags.describe(),
       'steps': steps, 'warmup': warmup, 'targets': dict(TARGETS),
       'loadavg_before': os.getloadavg(), 'not_run': {},
   }
@@ -374,6 +376,7 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
+  xla_flags.apply_cpu_defaults()  # inherited by the JAX workers, so malloc is their one difference
   allocator.reexec_with_fast_malloc()
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()

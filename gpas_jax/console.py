@@ -157,6 +157,7 @@ def run_header(config: Any, mesh: Any, abstract_params: Any, workdir: str,
   """The start-up block of a training run: model, size, tokens, devices, data, workdir."""
   import jax  # pylint: disable=import-outside-toplevel
   from gpas_jax import allocator  # pylint: disable=import-outside-toplevel
+  from gpas_jax import xla_flags  # pylint: disable=import-outside-toplevel
   m, o = config.model, config.optim
   sizes = [math.prod(x.shape) for x in jax.tree.leaves(abstract_params)]
   batch, length = o.global_batch_size, config.data.max_length
@@ -175,6 +176,7 @@ def run_header(config: Any, mesh: Any, abstract_params: Any, workdir: str,
       'workdir': workdir,
       'resumed from': resumed_from or 'nothing (a new run)',
       'allocator': allocator.describe(),
+      'XLA_FLAGS': xla_flags.describe(),
   }
   return startup_block(rows, f'gpas_jax: training {config.get("size_name", "")} '
                              f'{m.norm_type}'.rstrip())
