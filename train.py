@@ -56,6 +56,10 @@ def main(argv: list[str]) -> None:
   console.quiet_logs()  # third-party INFO (Orbax, TFDS) only with --verbosity=0
   config = _load_config()
   with faults.readable_errors(_TRACEBACK.value):
+    from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from gpas_jax import xla_flags  # pylint: disable=import-outside-toplevel
+    config_lib.validate(config)  # a bad config is refused before anything starts
+    xla_flags.apply(config)  # config.xla_flags, before JAX starts its backend
     from gpas_jax import distributed  # pylint: disable=import-outside-toplevel
     distributed.maybe_initialize(config)
     from gpas_jax import trainer  # pylint: disable=import-outside-toplevel
@@ -72,9 +76,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  # XLA:CPU's dots on Eigen (a faster step; gpas_jax/xla_flags.py). GPAS_XLA_CPU_DEFAULTS=0 opts out.
-  from gpas_jax import xla_flags  # pylint: disable=g-import-not-at-top
-  xla_flags.apply_cpu_defaults()
   # CPU hosts: re-exec with a fast malloc preloaded (jemalloc, or mimalloc from the pip wheel;
   # ~15-25% faster steps; see gpas_jax/allocator.py). GPAS_ALLOCATOR=default opts out.
   from gpas_jax import allocator  # pylint: disable=g-import-not-at-top

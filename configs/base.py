@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A PyTorch/HF checkpoint in the baseline's names (.bin, .safetensors, or a directory holding
   # one) to start from; used only while the workdir holds no checkpoint of its own.
   c.init_from = ''
+  # XLA flags for this config, added to XLA_FLAGS before JAX starts (train.py, the bench); a flag
+  # the environment's XLA_FLAGS sets already wins. For tuning measured per shape, e.g. bench_cpu.
+  c.xla_flags = ''
 
   c.model = ml_collections.ConfigDict()
   m = c.model

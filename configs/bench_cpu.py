@@ -29,4 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 1000
   c.optim.warmup_steps = 100
   c.mesh.data = -1
+  # XLA:CPU's dots on Eigen, reductions on YNNPACK: this step 4.6% [2.8%, 7.4%] faster than with
+  # XLA's default (YNNPACK dots) on the 2-core CPU; not for every shape (gpas_jax/xla_flags.py).
+  c.xla_flags = '--xla_cpu_experimental_ynn_fusion_type=reduce'
   return c

@@ -226,6 +226,7 @@ def run_benchmark(config, *, steps: int = 30, warmup: int = 3, compare_gpas: boo
       'cpu_model': cpu_peak.cpu_model(), 'cpu_count': os.cpu_count(),
       'jax_allocator': allocator.describe(), 'malloc_preference': list(allocator.PREFERENCE),
       'xla_flags': xla_flags.describe(),
+      'xla_flags_not_in_effect': xla_flags.not_in_effect(config),
       'steps': steps, 'warmup': warmup, 'targets': dict(TARGETS),
       'loadavg_before': os.getloadavg(), 'not_run': {},
   }
@@ -332,6 +333,8 @@ def main(argv: list[str]) -> None:
     raise ValueError(f'--profile_steps={f.profile_steps} must be >= 1 with --profile_dir')
   for text in f['try'].value or []:
     bench_jax.apply_overrides(f.config, bench_jax.parse_overrides(text)[0])  # fail fast
+  # config.xla_flags, before JAX starts; the JAX workers inherit them (malloc is their difference).
+  xla_flags.apply(f.config)
   log = (lambda s: print(s, file=sys.stderr, flush=True)) if f.json else print
   results = run_benchmark(f.config, steps=f.steps, warmup=f.warmup, compare_gpas=f.compare_gpas,
                           baseline_faithful=f.baseline_faithful,
@@ -376,7 +379,6 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  xla_flags.apply_cpu_defaults()  # inherited by the JAX workers, so malloc is their one difference
   allocator.reexec_with_fast_malloc()
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()

@@ -36,8 +36,9 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, A
 def parse_overrides(text: str) -> tuple[dict[str, Any], dict[str, str]]:
   """'model.attention_impl=einsum;XLA_FLAGS=--xla_cpu_use_onednn=true' -> (config, env) parts.
 
-  Upper-case keys are environment variables (they need a worker process); the others are config
-  fields, with Python literals parsed (`True`, `3`, `1e-3`) and anything else kept as a string.
+  Upper-case keys are environment variables (they need a worker process), as is `xla_flags`
+  (added to the worker's XLA_FLAGS); the others are config fields, with Python literals parsed
+  (`True`, `3`, `1e-3`) and anything else kept as a string.
   """
   config, env = {}, {}
   for part in filter(None, (p.strip() for p in text.split(';'))):
@@ -45,6 +46,8 @@ def parse_overrides(text: str) -> tuple[dict[str, Any], dict[str, str]]:
     if not sep or not key:
       raise ValueError(f'--try {text!r}: {part!r} is not key=value (e.g. '
                        'model.attention_impl=einsum or XLA_FLAGS=--xla_cpu_use_onednn=true)')
+    if key == 'xla_flags':  # takes effect only in a fresh process: a worker's XLA_FLAGS
+      key = 'XLA_FLAGS'
     if key.isupper():
       env[key] = value
       continue

@@ -123,7 +123,9 @@ def format_report(r: dict[str, Any]) -> str:
       f'device: {r["device"]} x {j["devices"]} ({r.get("cpu_model", "")}, {r["cpu_count"]} CPUs); '
       f'jax {r.get("jax_version", "?")}',
       f'JAX malloc: {r["jax_allocator"]}',
-      f'XLA_FLAGS: {r.get("xla_flags", "?")}',
+      f'XLA_FLAGS: {r.get("xla_flags", "?")}' + (
+          f' (WARNING: config.xla_flags {" ".join(r["xla_flags_not_in_effect"])} not in effect: '
+          'JAX started before they were set)' if r.get('xla_flags_not_in_effect') else ''),
       f'step time {1e3 * j["step_time_s"]:.1f} ms (median of {r["steps"]}, min '
       f'{1e3 * j["step_time_min_s"]:.1f}), {j["tokens_per_s"]:.0f} tokens/s, compile '
       f'{j["compile_s"]:.2f} s (+ lower {j["lower_s"]:.2f} s), loss {j["loss"]:.3f}',

@@ -4,6 +4,8 @@ from typing import Any
 
 import ml_collections
 
+from gpas_jax import xla_flags
+
 NORM_TYPES = (
     'pre', 'pre_gpas', 'post', 'deeppost', 'deeppost_gpas', 'sandwich', 'sandwich_gpas',
     'post_pre', 'post_pre_gpas', 'lns', 'lns_gpas',
@@ -211,6 +213,10 @@ def validate_model(m: ml_collections.ConfigDict, pad_id: int = 0, eos_id: int = 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Rejects a bad run config before anything is built or compiled."""
   validate_model(c.model, c.data.pad_id, c.data.eos_id)
+  try:
+    xla_flags.parse(c.get('xla_flags', '') or '')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _choice(c.optim.name, 'optim.name', OPTIMIZERS)
   _choice(c.nan_policy, 'nan_policy', NAN_POLICIES)
   _choice(c.data.source, 'data.source', DATA_SOURCES)

@@ -25,6 +25,7 @@ from gpas_jax import model as model_lib
 from gpas_jax import profiling
 from gpas_jax import steps
 from gpas_jax import workdir as workdir_lib
+from gpas_jax import xla_flags
 from gpas_jax.gpas import forward_scale
 
 NonFiniteError = faults.NonFiniteError  # its home is faults.py; kept here for callers
@@ -91,6 +92,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   data_lib.validate_data(config)
+  idle = xla_flags.not_in_effect(config)
+  if idle:
+    logging.warning('config.xla_flags %s are not in XLA_FLAGS, so XLA runs without them: '
+                    'train.py adds them before JAX starts; an in-process caller sets XLA_FLAGS '
+                    'itself.', ' '.join(idle))
   with workdir_lib.lock(workdir):
     return _train(config, workdir, devices)
 

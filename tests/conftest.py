@@ -9,9 +9,6 @@ import pathlib
 if os.environ.get('GPAS_TEST_XLA_DEFAULT') != '1':
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_backend_optimization_level=0').strip()
-# The XLA:CPU settings train.py and the bench run with (gpas_jax/xla_flags.py).
-from gpas_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-xla_flags.apply_cpu_defaults()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
