@@ -92,8 +92,8 @@ class _Hlo:
   def __init__(self, text: str):
     self.module = re.match(r'HloModule (\S+?),', text).group(1)
     self.shape, self.opcode, self.line = {}, {}, {}
-    for m in _INSTR.finditer(text):
-      self.shape[m.group(1)], self.opcode[m.group(1)], self.line[m.group(1)] = m.group(2, 3, 4)
+    for m in _INSTR.finditer(text):  # line: the whole instruction, metadata included
+      self.shape[m.group(1)], self.opcode[m.group(1)], self.line[m.group(1)] = m.group(2, 3, 0)
     self.body = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(text)}
     self.frames = self._frames(text)
 
@@ -123,7 +123,7 @@ class _Hlo:
     line = self.line.get(op, '')
     calls = re.search(r'calls=%([^,\s]+)', line)
     if self.opcode.get(op) == 'dot':
-      text = f'%{op} = {self.shape[op]} dot({line}'
+      text = line
     else:
       text = self.body.get(calls.group(1), '') if calls else ''
     m = _DOT.search(text)

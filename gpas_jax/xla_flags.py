@@ -27,11 +27,19 @@ def parse(text: str) -> list[str]:
   return flags
 
 
+def _name(flag: str) -> str:
+  return flag.split('=', 1)[0]
+
+
+def _names_set(environ: MutableMapping[str, str]) -> set[str]:
+  return {_name(part) for part in environ.get('XLA_FLAGS', '').split()}
+
+
 def add_flags(flags: list[str], environ: MutableMapping[str, str]) -> list[str]:
   """Appends to environ's XLA_FLAGS the flags it does not set already; returns those added."""
   current = environ.get('XLA_FLAGS', '')
-  set_already = {part.split('=', 1)[0] for part in current.split()}
-  added = [f for f in flags if f.split('=', 1)[0] not in set_already]
+  set_already = _names_set(environ)
+  added = [f for f in flags if _name(f) not in set_already]
   if added:
     environ['XLA_FLAGS'] = ' '.join([current.strip()] + added).strip()
   return added
@@ -50,9 +58,8 @@ def apply(config: Any, environ: MutableMapping[str, str] | None = None) -> list[
 
 def not_in_effect(config: Any, environ: MutableMapping[str, str] | None = None) -> list[str]:
   """config.xla_flags that XLA_FLAGS lacks (a caller started JAX without applying them)."""
-  env = os.environ if environ is None else environ
-  names = {part.split('=', 1)[0] for part in env.get('XLA_FLAGS', '').split()}
-  return [f for f in parse(config.get('xla_flags', '') or '') if f.split('=', 1)[0] not in names]
+  names = _names_set(os.environ if environ is None else environ)
+  return [f for f in parse(config.get('xla_flags', '') or '') if _name(f) not in names]
 
 
 def describe(environ: MutableMapping[str, str] | None = None) -> str:
