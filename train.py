@@ -1,6 +1,6 @@
 """Trains a GPAS model: python train.py --config configs/tiny.py --workdir DIR [--config.x=v].
 
-Exit codes (gpas_jax/faults.py, docs/RELIABILITY.md): 0 finished, 1 unexpected error, 2 refused
+Exit codes (gpas_jax/train/faults.py, docs/RELIABILITY.md): 0 finished, 1 unexpected error, 2 refused
 (config, data, workdir), 3 diverged, 4 checkpoint save failed, 75 stopped by SIGTERM or Ctrl-C
 after saving (rerun to resume), 130 aborted by a second Ctrl-C.
 """
@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gpas_jax import faults
+from gpas_jax.train import faults
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
@@ -52,17 +52,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help is fast and distributed init precedes any jax use.
-  from gpas_jax import console  # pylint: disable=import-outside-toplevel
+  from gpas_jax.runtime import console  # pylint: disable=import-outside-toplevel
   console.quiet_logs()  # third-party INFO (Orbax, TFDS) only with --verbosity=0
   config = _load_config()
   with faults.readable_errors(_TRACEBACK.value):
     from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-    from gpas_jax import xla_flags  # pylint: disable=import-outside-toplevel
+    from gpas_jax.runtime import xla_flags  # pylint: disable=import-outside-toplevel
     config_lib.validate(config)  # a bad config is refused before anything starts
     xla_flags.apply(config)  # config.xla_flags, before JAX starts its backend
     from gpas_jax import distributed  # pylint: disable=import-outside-toplevel
     distributed.maybe_initialize(config)
-    from gpas_jax import trainer  # pylint: disable=import-outside-toplevel
+    from gpas_jax.train import trainer  # pylint: disable=import-outside-toplevel
     result = trainer.train(config, _WORKDIR.value)
   if result.get('preempted'):
     print(f'stopped by {result["preempted"]} at step {result["step"]} after saving a checkpoint; '
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   # CPU hosts: re-exec with a fast malloc preloaded (jemalloc, or mimalloc from the pip wheel;
-  # ~15-25% faster steps; see gpas_jax/allocator.py). GPAS_ALLOCATOR=default opts out.
-  from gpas_jax import allocator  # pylint: disable=g-import-not-at-top
+  # ~15-25% faster steps; see gpas_jax/runtime/allocator.py). GPAS_ALLOCATOR=default opts out.
+  from gpas_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_with_fast_malloc()
   app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,6 @@
 """The CPU benchmark of the performance issue: a 20m-shaped Pre+GPAS model, fp32, Adam.
 
-hidden 256, 4 layers, 4 heads, ffn 688, vocab 8000, batch 8, seq 256 (python -m gpas_jax.bench).
+hidden 256, 4 layers, 4 heads, ffn 688, vocab 8000, batch 8, seq 256 (python -m gpas_jax.perf.bench).
 """
 
 import ml_collections
@@ -30,6 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100
   c.mesh.data = -1
   # XLA:CPU's dots on Eigen, reductions on YNNPACK: this step 4.6% [2.8%, 7.4%] faster than with
-  # XLA's default (YNNPACK dots) on the 2-core CPU; not for every shape (gpas_jax/xla_flags.py).
+  # XLA's default (YNNPACK dots) on the 2-core CPU; not for every shape (gpas_jax/runtime/xla_flags.py).
   c.xla_flags = '--xla_cpu_experimental_ynn_fusion_type=reduce'
   return c

@@ -4,7 +4,7 @@ from typing import Any
 
 import ml_collections
 
-from gpas_jax import xla_flags
+from gpas_jax.runtime import xla_flags
 
 NORM_TYPES = (
     'pre', 'pre_gpas', 'post', 'deeppost', 'deeppost_gpas', 'sandwich', 'sandwich_gpas',

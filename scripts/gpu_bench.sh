@@ -6,11 +6,11 @@
 #
 #   scripts/gpu_bench.sh                  # both sizes; JSON per size in $OUT_DIR/gpu_bench_<size>.json
 #   SIZES=350m BATCH_350M=16 scripts/gpu_bench.sh
-#   scripts/gpu_bench.sh --config.model.remat_policy=full   # extra flags go to gpas_jax.bench
+#   scripts/gpu_bench.sh --config.model.remat_policy=full   # extra flags go to gpas_jax.perf.bench
 #   CPU_SMOKE=1 scripts/gpu_bench.sh      # no GPU: tiny dims on the CPU, to check the script itself
 #
 # bf16 compute with fp32 master weights (model.compute_dtype=bfloat16), scanned layers, batch x 256
-# tokens, MFU against the chip's dense bf16 peak (gpas_jax.metrics.PEAK_FLOPS). Needs jax with
+# tokens, MFU against the chip's dense bf16 peak (gpas_jax.train.metrics.PEAK_FLOPS). Needs jax with
 # CUDA (pip install "jax[cuda12]==<the jax version in requirements.txt>"). Each size: two
 # compiles (~20-60 s each) and WARMUP + STEPS rounds, within SIZE_TIMEOUT seconds.
 set -euo pipefail
@@ -61,12 +61,12 @@ except RuntimeError as e:
            f'{cpu.device_kind}): {str(e).splitlines()[0][:200]}. Install jax with CUDA '
            f'(pip install "jax[cuda12]=={jax.__version__}") and check nvidia-smi; '
            'CPU_SMOKE=1 runs the script on the CPU.')
-from gpas_jax import metrics
+from gpas_jax.train import metrics
 kind = gpus[0].device_kind
 peak = metrics.peak_flops(kind, 'bfloat16')
 print(f'GPU: {kind} ({len(gpus)} visible, using 1); bf16 peak '
       + (f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown: MFU will be n/a (add the chip to '
-         'gpas_jax.metrics.PEAK_FLOPS)'))
+         'gpas_jax.train.metrics.PEAK_FLOPS)'))
 EOF
 fi
 
@@ -84,7 +84,7 @@ for size in $SIZES; do
   echo "=== ${size}: batch ${batch} x 256, bf16 compute, attention ${attn[*]} ==="
   start=$(date +%s)
   set +e
-  timeout "$SIZE_TIMEOUT" "$PYTHON" -m gpas_jax.bench --config "configs/llama_${size}.py" \
+  timeout "$SIZE_TIMEOUT" "$PYTHON" -m gpas_jax.perf.bench --config "configs/llama_${size}.py" \
       --steps "$STEPS" --warmup "$WARMUP" --nocompare_gpas --nobaseline_faithful --noother_mallocs \
       --json \
       --config.model.compute_dtype=bfloat16 \
@@ -109,5 +109,5 @@ for size in $SIZES; do
   echo "    (${size}: $(( $(date +%s) - start )) s)"
   files+=("$out")
 done
-(( ${#files[@]} )) && "$PYTHON" -m gpas_jax.bench_report "${files[@]}"
+(( ${#files[@]} )) && "$PYTHON" -m gpas_jax.perf.bench_report "${files[@]}"
 (( ${#failed[@]} == 0 )) || fail "not measured: ${failed[*]}"

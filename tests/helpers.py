@@ -55,11 +55,11 @@ def data_config(cache_dir, **data):
 def perturbed_state_dict(cfg, seed=0):
   """Baseline weights (PyTorch reference init) with nonzero gates and perturbed gains."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from gpas_jax import torch_ref  # pylint: disable=import-outside-toplevel
-  ref = torch_ref.RefModel(torch_ref.RefConfig(
+  from gpas_jax.baseline import torch_model  # pylint: disable=import-outside-toplevel
+  ref = torch_model.RefModel(torch_model.RefConfig(
       cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
       cfg.norm_type, cfg.post_num), seed)
-  sd = torch_ref.state_dict_numpy(ref)
+  sd = torch_model.state_dict_numpy(ref)
   rng = np.random.default_rng(seed)
   for k, v in sd.items():
     if k.endswith('gate') or 'norm' in k:

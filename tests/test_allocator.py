@@ -1,4 +1,4 @@
-"""gpas_jax.allocator: which malloc the launcher preloads, its environment, and the re-exec."""
+"""gpas_jax.runtime.allocator: which malloc the launcher preloads, its environment, and the re-exec."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gpas_jax import allocator
+from gpas_jax.runtime import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOTH = {'jemalloc': '/lib/libjemalloc.so.2', 'mimalloc': '/wheel/libmimalloc.so'}
@@ -75,7 +75,7 @@ def test_loaded_reads_the_process_maps():
 _LAUNCHER = """
 import os, sys
 sys.path.insert(0, {root!r})
-from gpas_jax import allocator
+from gpas_jax.runtime import allocator
 print('pid', os.getpid(), sys.argv[1:], flush=True)
 allocator.reexec_with_fast_malloc()
 print('loaded', allocator.loaded(), flush=True)

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from gpas_jax import interop
-from gpas_jax import model as model_lib
 from gpas_jax.analysis import cli
 from gpas_jax.analysis import compare
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
-from gpas_jax.analysis import stats
-from gpas_jax import torch_ref
+from gpas_jax.baseline import torch_model
+from gpas_jax.model import interop
+from gpas_jax.model import stats
+from gpas_jax.model import transformer as model_lib
+from gpas_jax import storage
 from tests.helpers import perturbed_state_dict
 
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
@@ -30,8 +31,8 @@ PNG = b'\x89PNG\r\n\x1a\n'
 
 
 def _ref_config(cfg):
-  return torch_ref.RefConfig(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
-                             cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
+  return torch_model.RefConfig(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+                               cfg.num_layers, cfg.num_heads, cfg.norm_type, cfg.post_num)
 
 
 def _perturbed(cfg, seed=0):
@@ -50,10 +51,10 @@ def _logits_and_loss(model, ids, keep_L=None):
 
 def _grads(cfg, sd, ids=IDS):
   """Gradients by the PyTorch reference: (as our param tree, under the baseline's names)."""
-  ref = torch_ref.RefModel(_ref_config(cfg))
-  torch_ref.load_numpy_state_dict(ref, sd)
+  ref = torch_model.RefModel(_ref_config(cfg))
+  torch_model.load_numpy_state_dict(ref, sd)
   ids_t = torch.from_numpy(ids.astype(np.int64))
-  torch_ref.loss_fn(ref(ids_t), ids_t).backward()
+  torch_model.loss_fn(ref(ids_t), ids_t).backward()
   grads_sd = {k: p.grad.numpy().copy() for k, p in ref.named_parameters()}
   # A model whose parameters are the gradients has exactly the trainer's gradient tree.
   return nnx.state(interop.from_torch_state_dict(grads_sd, cfg), nnx.Param), grads_sd
@@ -182,8 +183,8 @@ def _fake_metrics(offset=0.0, gates=True):
 def _roundtrip(records, path):
   """Through a jsonl file, as the tools read them ('nan' strings back to floats)."""
   for r in records:
-    runs_lib.append_jsonl(str(path), r)
-  return runs_lib.read_jsonl(str(path))
+    storage.append_jsonl(str(path), r)
+  return storage.read_jsonl(str(path))
 
 
 def test_plots_write_pngs(tmp_path):
@@ -285,16 +286,16 @@ def _write_run(path, norm_type, seed, metrics, analysis):
     json.dump({'size_name': 'tiny', 'seed': seed, 'model': {'norm_type': norm_type},
                'data': {'pad_id': 0, 'layout': 'padded'}}, f)
   for r in metrics:
-    runs_lib.append_jsonl(os.path.join(path, 'metrics.jsonl'), r)
+    storage.append_jsonl(os.path.join(path, 'metrics.jsonl'), r)
   for r in analysis:
-    runs_lib.append_jsonl(os.path.join(path, 'analysis.jsonl'), r)
+    storage.append_jsonl(os.path.join(path, 'analysis.jsonl'), r)
   return str(path)
 
 
 def test_run_cli_and_compare(tmp_path, monkeypatch, capsys):
   model = _perturbed(CFG)
   # The checkpoint loader and the data pipeline are replaced by stand-ins.
-  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (None, model))
   monkeypatch.setattr('gpas_jax.data.make_eval_batches',
                       lambda c: iter([{'input_ids': b, 'segment_ids': np.ones_like(b)}
@@ -309,7 +310,7 @@ def test_run_cli_and_compare(tmp_path, monkeypatch, capsys):
   for p in written:
     if p.endswith('.png'):
       _assert_png(p)
-  imp = runs_lib.read_json(os.path.join(a, 'analysis', 'importance.json'))
+  imp = storage.read_json(os.path.join(a, 'analysis', 'importance.json'))
   assert imp['step'] == 4
   np.testing.assert_allclose(imp['importance'],
                              stats.layer_importance(model, [IDS, IDS[::-1].copy()]), rtol=1e-6)

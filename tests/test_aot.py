@@ -1,4 +1,4 @@
-"""gpas_jax.aot: the train step compiled on abstract arrays over 8 fake devices, memory and FLOPs."""
+"""gpas_jax.perf.aot: the train step compiled on abstract arrays over 8 fake devices, memory and FLOPs."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from gpas_jax import aot
+from gpas_jax.perf import aot
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_plan_reports_memory_and_flops(remat, scan):
 
 
 def p_abstract(c):
-  from gpas_jax import steps  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
   return steps.setup(c).abstract_state['params']
 
 
@@ -62,7 +62,7 @@ def test_compile_study_runs_small():
 
 
 def test_command_line_sets_its_own_fake_devices():
-  cmd = [sys.executable, '-m', 'gpas_jax.aot', '--config', 'configs/tiny.py', '--mesh', '1,4,1',
+  cmd = [sys.executable, '-m', 'gpas_jax.perf.aot', '--config', 'configs/tiny.py', '--mesh', '1,4,1',
          '--chip', 'v5e', '--remat', 'full', '--config.model.hidden_size=32',
          '--config.model.intermediate_size=64', '--config.model.num_layers=2',
          '--config.model.vocab_size=256', '--config.data.max_length=32',

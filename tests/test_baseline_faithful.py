@@ -9,13 +9,14 @@ import pytest
 from safetensors.torch import save_file
 import torch
 
-from gpas_jax import compare_torch
-from gpas_jax import init_from
-from gpas_jax import steps
-from gpas_jax import torch_ref
-from gpas_jax import trainer
+from gpas_jax.baseline import compare
+from gpas_jax.baseline import torch_model
+from gpas_jax.baseline import torch_train
 from gpas_jax.data import DataError
 from gpas_jax.data import tokens as tokens_lib
+from gpas_jax.train import init_from
+from gpas_jax.train import steps
+from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
 
 torch.set_num_threads(1)
@@ -47,7 +48,7 @@ def _config(tmp_path, norm_type, **overrides):
 
 
 def _torch_init(tmp_path, norm_type, seed=4):
-  ref = torch_ref.RefModel(torch_ref.RefConfig(V, D, F, L, H, norm_type, post_num=1), seed=seed)
+  ref = torch_model.RefModel(torch_model.RefConfig(V, D, F, L, H, norm_type, post_num=1), seed=seed)
   path = str(tmp_path / 'init.safetensors')
   save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
   return ref, path
@@ -59,10 +60,10 @@ def test_float32_trajectory_matches_pytorch_with_both_clips_and_two_chunks(tmp_p
   np.save(tmp_path / 'rows.npy', rows)
   ref, init = _torch_init(tmp_path, norm_type)
   history = []
-  torch_ref.ref_train(ref, [torch.from_numpy(rows[u * B:(u + 1) * B].astype(np.int64))
-                            for u in range(N + 1)],
-                      num_steps=N, micro_batches=K, baseline_last_step=True, history=history,
-                      **RECIPE)
+  torch_train.ref_train(ref, [torch.from_numpy(rows[u * B:(u + 1) * B].astype(np.int64))
+                              for u in range(N + 1)],
+                              num_steps=N, micro_batches=K, baseline_last_step=True, history=history,
+                              **RECIPE)
   # Both clips engage on most updates (the gate clip after the global one).
   assert sum(h['grad_norm'] > RECIPE['grad_clip'] for h in history) > N // 2
   assert sum(h['gate_norm'] > RECIPE['gate_clip'] for h in history) > N // 2
@@ -71,7 +72,7 @@ def test_float32_trajectory_matches_pytorch_with_both_clips_and_two_chunks(tmp_p
   c = _config(tmp_path, norm_type, **{'init_from': init, 'optim.micro_batches': 4})
   result = trainer.train(c, str(tmp_path / 'run'), jax.devices()[:1])
   assert result['step'] == N + 1 and result['finished']  # N + 1 updates, as the baseline
-  ours = compare_torch.read_history(str(tmp_path / 'run'))
+  ours = compare.read_history(str(tmp_path / 'run'))
   assert len(ours) == N + 1
   np.testing.assert_allclose([h['loss'] for h in ours], [h['loss'] for h in history],
                              rtol=0, atol=1e-5)

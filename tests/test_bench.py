@@ -1,4 +1,4 @@
-"""gpas_jax.bench: the statistics of its ratios, and a tiny run with every kind of variant.
+"""gpas_jax.perf.bench: the statistics of its ratios, and a tiny run with every kind of variant.
 
 Nothing here asserts a speed (the machine is shared): the figures exist, are positive and
 finite, ratios are taken per round, and every variant is either timed or listed with a reason.
@@ -14,10 +14,10 @@ import sys
 import jax
 import pytest
 
-from gpas_jax import allocator
-from gpas_jax import bench
-from gpas_jax import bench_jax
-from gpas_jax import bench_report
+from gpas_jax.perf import bench
+from gpas_jax.perf import bench_jax
+from gpas_jax.perf import bench_report
+from gpas_jax.runtime import allocator
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def test_baseline_faithful_variant_when_the_config_has_the_field():
 
 
 def test_command_line_prints_one_json_object():
-  cmd = [sys.executable, '-m', 'gpas_jax.bench', '--config', 'configs/tiny.py', '--steps', '1',
+  cmd = [sys.executable, '-m', 'gpas_jax.perf.bench', '--config', 'configs/tiny.py', '--steps', '1',
          '--warmup', '0', '--nocompare_gpas', '--json',
          '--config.model.hidden_size=32', '--config.model.intermediate_size=64',
          '--config.model.num_layers=1', '--config.model.vocab_size=256',

@@ -8,7 +8,7 @@ import pytest
 
 from configs import base
 from gpas_jax import config as config_lib
-from gpas_jax import model as model_lib
+from gpas_jax.model import transformer as model_lib
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs',
                                                      '*.py'))

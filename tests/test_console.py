@@ -6,7 +6,7 @@ import time
 from absl import flags
 from absl import logging
 
-from gpas_jax import console
+from gpas_jax.runtime import console
 
 
 def test_quiet_logs_unless_verbosity_given():

@@ -1,12 +1,12 @@
-"""gpas_jax.cpu_peak: the CPU peak is measured once per machine, cached, and shared with train."""
+"""gpas_jax.runtime.cpu_peak: the CPU peak is measured once per machine, cached, and shared with train."""
 
 import json
 
 import jax
 import pytest
 
-from gpas_jax import cpu_peak
-from gpas_jax import trainer
+from gpas_jax.runtime import cpu_peak
+from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
 
 

@@ -15,9 +15,9 @@ from tests.helpers import data_config
 from gpas_jax.config import ConfigError
 from gpas_jax.data import builders
 from gpas_jax.data import corpus
+from gpas_jax.data.errors import DataError
 from gpas_jax.data import sources
 from gpas_jax.data import validate_data
-from gpas_jax.data.errors import DataError
 
 
 def _records_digest(ds_dir: pathlib.Path) -> dict[str, tuple[int, str]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from gpas_jax.data.errors import DataError
 from gpas_jax.data import get_tokenizer
 from gpas_jax.data import layouts
 from gpas_jax.data import loss_mask
@@ -15,7 +16,6 @@ from gpas_jax.data import make_eval_batches
 from gpas_jax.data import make_train_iterator
 from gpas_jax.data import sources
 from gpas_jax.data import validate_data
-from gpas_jax.data.errors import DataError
 
 
 @pytest.fixture(scope='module')

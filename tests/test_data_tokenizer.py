@@ -9,13 +9,13 @@ from absl import flags
 import pytest
 
 from tests.helpers import data_config
+from gpas_jax.data.errors import DataError
 from gpas_jax.data import get_tokenizer
 from gpas_jax.data import load_tokenizer
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
 from gpas_jax.data import train_tokenizer
 from gpas_jax.data import validate_data
-from gpas_jax.data.errors import DataError
 
 
 def test_default_tokenizer_is_cached_t5_shaped_and_lossless(cache):

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from gpas_jax import checkpoint as ckpt
 from gpas_jax import data as data_lib
-from gpas_jax import steps
-from gpas_jax import trainer
+from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import steps
+from gpas_jax.train import trainer
 from tests.helpers import read_tensorboard_scalars
 from tests.helpers import tiny_train_config
 

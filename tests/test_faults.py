@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gpas_jax import config as config_lib
-from gpas_jax import faults
+from gpas_jax.train import faults
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,8 +139,8 @@ def test_nan_guard_counts_each_step_once_and_stops_past_its_limits():
 
 
 def test_exit_codes_of_our_errors():
-  from gpas_jax import sharding  # pylint: disable=import-outside-toplevel
   from gpas_jax.data import DataError  # pylint: disable=import-outside-toplevel
+  from gpas_jax import sharding  # pylint: disable=import-outside-toplevel
   cases = [(config_lib.ConfigError('x'), 2), (DataError('x'), 2), (sharding.MeshError('x'), 2),
            (faults.ResumeError('x'), 2), (faults.WorkdirBusyError('x'), 2),
            (faults.CheckpointError('x'), 2), (faults.NonFiniteError('x'), 3),

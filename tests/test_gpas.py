@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpas_jax import gpas as gpas_lib
+from gpas_jax.model import gpas as gpas_lib
 
 
 @pytest.mark.parametrize('act', sorted(gpas_lib.GATE_ACTIVATIONS))

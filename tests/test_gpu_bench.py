@@ -4,8 +4,8 @@ import os
 import subprocess
 import time
 
-from gpas_jax import bench_report
-from gpas_jax import metrics
+from gpas_jax.perf import bench_report
+from gpas_jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'gpu_bench.sh')

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpas_jax import hf_tools
-from gpas_jax import interop
-from gpas_jax import model as model_lib
-from gpas_jax import torch_ref
+from gpas_jax.baseline import hf_tools
+from gpas_jax.baseline import torch_model
+from gpas_jax.model import interop
+from gpas_jax.model import transformer as model_lib
 from tests.helpers import perturbed_state_dict
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ IDS = np.array([[5, 6, 7, 9, 63, 2, 9, 11], [1, 2, 3, 4, 5, 0, 0, 0]], np.int32)
 
 
 def _ref(cfg):
-  return torch_ref.RefModel(torch_ref.RefConfig(
+  return torch_model.RefModel(torch_model.RefConfig(
       cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
       cfg.norm_type, cfg.post_num))
 
@@ -44,7 +44,7 @@ def test_export_import_is_exact_and_loads_into_the_torch_reference(tmp_path, nor
   for k in sd:
     assert sd[k].dtype == sd_back[k].dtype and np.array_equal(sd[k], sd_back[k]), k
   ref = _ref(cfg)
-  torch_ref.load_numpy_state_dict(
+  torch_model.load_numpy_state_dict(
       ref, interop.load_state_dict_file(str(tmp_path / 'model.safetensors')))  # strict
   with torch.no_grad():
     want = ref(torch.from_numpy(IDS.astype(np.int64))).numpy()
@@ -59,7 +59,7 @@ def test_export_run_and_evaluate_hf_directory(tmp_path, monkeypatch):
       'model': {'vocab_size': 4096, 'hidden_size': 128, 'intermediate_size': 352,
                 'num_layers': 4, 'num_heads': 4, 'norm_type': 'pre', 'post_num': 1},
       'data': {'pad_id': 0, 'layout': 'padded'}})
-  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (config, model))
   out = hf_tools.export_run(str(tmp_path / 'run'), str(tmp_path / 'hf'), step=5)
   assert sorted(os.listdir(out)) == ['config.json', 'gpas_jax_export.json', 'model.safetensors']
@@ -83,9 +83,9 @@ def test_export_run_and_evaluate_hf_directory(tmp_path, monkeypatch):
   assert seen['config'].model.vocab_size == 64 and seen['config'].model.norm_type == 'pre_gpas'
   assert config.model.vocab_size == 4096
   ref = _ref(CFG)
-  torch_ref.load_numpy_state_dict(ref, sd)
+  torch_model.load_numpy_state_dict(ref, sd)
   with torch.no_grad():
-    per_batch = [float(torch_ref.loss_fn(ref(ids_t), ids_t)) for ids_t in
+    per_batch = [float(torch_model.loss_fn(ref(ids_t), ids_t)) for ids_t in
                  (torch.from_numpy(b['input_ids'].astype(np.int64)) for b in batches[:2])]
   np.testing.assert_allclose(loss, np.mean(per_batch), rtol=1e-5)
   np.testing.assert_allclose(ppl, np.exp(loss), rtol=1e-12)

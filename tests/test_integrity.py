@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpas_jax import checkpoint as ckpt
-from gpas_jax import faults
-from gpas_jax import integrity
-from gpas_jax import loading
-from gpas_jax import steps
-from gpas_jax import trainer
+from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import faults
+from gpas_jax.train import integrity
+from gpas_jax.train import loading
+from gpas_jax.train import steps
+from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
 
 

@@ -1,7 +1,7 @@
 """Export and import: every model option through a directory, strict loads into PyTorch models.
 
 The stock model is transformers 4.31.0's LlamaForCausalLM (the baseline's pin); the GPAS model
-is gpas_jax.torch_ref, the port of the baseline's code.
+is gpas_jax.baseline.torch_model, the port of the baseline's code.
 """
 
 import dataclasses
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpas_jax import interop
-from gpas_jax import model as model_lib
-from gpas_jax import torch_ref
+from gpas_jax.baseline import torch_model
+from gpas_jax.model import interop
+from gpas_jax.model import transformer as model_lib
 
 torch.set_num_threads(1)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # local directories only; never the network
@@ -55,9 +55,9 @@ def _perturbed(cfg: model_lib.ModelConfig, seed: int = 0) -> model_lib.Transform
   return interop.from_torch_state_dict(sd, cfg)
 
 
-def _ref_config(cfg: model_lib.ModelConfig) -> torch_ref.RefConfig:
+def _ref_config(cfg: model_lib.ModelConfig) -> torch_model.RefConfig:
   """The port's config built from ours field by field (not from the exported config.json)."""
-  return torch_ref.RefConfig(
+  return torch_model.RefConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
       num_attention_heads=cfg.num_heads, norm_type=cfg.norm_type, post_num=cfg.post_num,
@@ -92,13 +92,13 @@ def test_every_model_option_survives_export_and_loads_strictly_into_the_port(tmp
   np.testing.assert_array_equal(np.asarray(back(jnp.asarray(IDS)), np.float32), ours)
 
   # The port, built from our config (not the file's), loads the safetensors file strictly.
-  ref = torch_ref.RefModel(_ref_config(cfg)).to(getattr(torch, cfg.param_dtype))
-  torch_ref.load_numpy_state_dict(
+  ref = torch_model.RefModel(_ref_config(cfg)).to(getattr(torch, cfg.param_dtype))
+  torch_model.load_numpy_state_dict(
       ref, interop.load_state_dict_file(str(tmp_path / 'model.safetensors')))
   assert all(p.requires_grad == cfg.gate_learnable for p in
              (dict(ref.named_parameters())[k] for k in gates))
   # And the port built from config.json alone computes the same function.
-  from_file = torch_ref.load_hf_directory(str(tmp_path))
+  from_file = torch_model.load_hf_directory(str(tmp_path))
   # bf16 on both sides rounds each op differently: a few bf16 ulps (2^-8) of logits ~0.5.
   tol = 5e-2 if cfg.compute_dtype == 'bfloat16' else 2e-5
   for m in (ref, from_file):

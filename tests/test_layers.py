@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpas_jax import layers
-from gpas_jax import model as model_lib
+from gpas_jax.model import layers
+from gpas_jax.model import transformer as model_lib
 
 
 def _qkv(b, t, h, k, dtype, seed=0):

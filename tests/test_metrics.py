@@ -1,4 +1,4 @@
-"""Tests for gpas_jax.metrics: FLOPs against a hand count, MFU, peak table, writers."""
+"""Tests for gpas_jax.train.metrics: FLOPs against a hand count, MFU, peak table, writers."""
 
 import glob
 import io
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from gpas_jax import metrics
+from gpas_jax.train import metrics
 
 
 def _tiny_model():
@@ -145,7 +145,7 @@ def test_from_config_and_missing_wandb(tmp_path):
 
 
 def test_stdout_line_summarises_per_layer_series():
-  from gpas_jax import metrics
+  from gpas_jax.train import metrics
   w = metrics.MetricWriter('/nonexistent', jsonl=False, stdout=False, total_steps=10)
   line = w.format_line(3, {'loss': 2.0, 'gate/0': 0.1, 'gate/1': -0.2, 'gate_scale/0': 0.95,
                            'gate_scale/1': 1.1})

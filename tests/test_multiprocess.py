@@ -26,7 +26,7 @@ def _metrics(workdir) -> dict[int, dict]:
 
 def _train_one_process(workdir: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
-  from gpas_jax import trainer  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import trainer  # pylint: disable=import-outside-toplevel
   from tests.helpers import tiny_train_config  # pylint: disable=import-outside-toplevel
   c = tiny_train_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=4,
                         **{'mesh.data': 2, 'model.scan_layers': True})

@@ -1,4 +1,4 @@
-"""Tests for gpas_jax.optim: schedule, clipping, Adam against torch's formula, accumulation."""
+"""Tests for gpas_jax.train.optim: schedule, clipping, Adam against torch's formula, accumulation."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from gpas_jax import optim
+from gpas_jax.train import optim
 
 
 def _config(**optim_overrides):

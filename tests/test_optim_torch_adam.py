@@ -19,9 +19,10 @@ import optax
 import pytest
 import torch
 
-from gpas_jax import optim
-from gpas_jax import torch_optim
-from gpas_jax import torch_ref
+from gpas_jax.baseline import torch_model
+from gpas_jax.baseline import torch_train
+from gpas_jax.train import optim
+from gpas_jax.train import torch_optim
 from tests.helpers import tiny_train_config
 
 torch.set_num_threads(1)
@@ -69,7 +70,7 @@ def _run(arithmetic, dtype_name, grad_clip, gate_clip):
   tparams = [torch.nn.Parameter(_to_torch(a, tdtype)) for _, _, a in views]
   gates = [p for (path, _, _), p in zip(views, tparams) if optim.is_gate_path(path)]
   opt = torch.optim.Adam(tparams, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  sched = torch_ref.ref_scheduler(opt, warmup_steps=10, num_steps=N, baseline_last_step=True)
+  sched = torch_train.ref_scheduler(opt, warmup_steps=10, num_steps=N, baseline_last_step=True)
   tx = optim.make_optimizer(c)
   state = tx.init(params)
 

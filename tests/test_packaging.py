@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tomllib
 
-from gpas_jax import sweep
+from gpas_jax.train import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

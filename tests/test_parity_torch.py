@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpas_jax import interop
-from gpas_jax import model as model_lib
-from gpas_jax import torch_ref
+from gpas_jax.baseline import torch_model
+from gpas_jax.model import interop
+from gpas_jax.model import transformer as model_lib
 
 torch.set_num_threads(1)
 NORM_TYPES = model_lib.blocks.FORMS.keys() | {'post_pre', 'post_pre_gpas'}
@@ -17,11 +17,11 @@ V, D, F, L, H, T = 96, 32, 56, 3, 4, 12
 
 
 def _ref_model(norm_type: str, dtype: torch.dtype, lns_mode: str = 'init',
-               **gate_options) -> torch_ref.RefModel:
-  cfg = torch_ref.RefConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
-                            num_hidden_layers=L, num_attention_heads=H, norm_type=norm_type,
-                            post_num=1, lns_mode=lns_mode, **gate_options)
-  ref = torch_ref.RefModel(cfg, seed=1).to(dtype)
+               **gate_options) -> torch_model.RefModel:
+  cfg = torch_model.RefConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
+                              num_hidden_layers=L, num_attention_heads=H, norm_type=norm_type,
+                              post_num=1, lns_mode=lns_mode, **gate_options)
+  ref = torch_model.RefModel(cfg, seed=1).to(dtype)
   gen = torch.Generator().manual_seed(2)
   with torch.no_grad():  # nonzero gates and perturbed gains, so every path is exercised
     for name, p in ref.named_parameters():
@@ -41,7 +41,7 @@ def _ids() -> np.ndarray:
 def _torch_side(ref, ids):
   ids_t = torch.from_numpy(ids)
   logits = ref(ids_t)
-  loss = torch_ref.loss_fn(logits, ids_t)
+  loss = torch_model.loss_fn(logits, ids_t)
   loss.backward()
   grads = {k: p.grad.detach().numpy().copy() for k, p in ref.named_parameters()
            if p.requires_grad}
@@ -70,7 +70,7 @@ def _rel(a, b) -> float:
 
 def _compare(norm_type, jdtype, tdtype, tol, gate_tol, lns_mode='init', **gate_options):
   ref = _ref_model(norm_type, tdtype, lns_mode, **gate_options)
-  sd = torch_ref.state_dict_numpy(ref)
+  sd = torch_model.state_dict_numpy(ref)
   cfg = model_lib.ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
                               num_heads=H, norm_type=norm_type, post_num=1, lns_mode=lns_mode,
                               param_dtype=jdtype, compute_dtype=jdtype, **gate_options)
@@ -135,7 +135,7 @@ def test_export_loads_strictly_into_the_torch_model_and_round_trips(tmp_path):
   model = model_lib.create_model(cfg, seed=5)
   path = str(tmp_path / 'model.safetensors')
   interop.save_safetensors(model, path)
-  torch_ref.load_numpy_state_dict(ref, interop.load_state_dict_file(path))
+  torch_model.load_numpy_state_dict(ref, interop.load_state_dict_file(path))
   ids = _ids()
   np.testing.assert_allclose(model(jnp.asarray(ids)), ref(torch.from_numpy(ids)).detach().numpy(),
                              rtol=1e-5, atol=1e-5)

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gpas_jax import bench
 from gpas_jax import config as config_lib
-from gpas_jax import profiling
-from gpas_jax import trainer
+from gpas_jax.perf import bench
+from gpas_jax.runtime import profiling
+from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
 
 M, K, N = 256, 128, 64

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpas_jax import model as model_lib
+from gpas_jax.model import transformer as model_lib
 from gpas_jax import sharding
 
 

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from gpas_jax import config as config_lib
-from gpas_jax import sweep
-from gpas_jax import trainer
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import study
+from gpas_jax import config as config_lib
+from gpas_jax import storage
+from gpas_jax.train import sweep
+from gpas_jax.train import trainer
 from tests import helpers
 
 
@@ -23,8 +24,8 @@ def _run(root, size, norm_type, seed, ppl):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump({'size_name': size, 'seed': seed, 'model': {'norm_type': norm_type}}, f)
-  runs_lib.append_jsonl(os.path.join(path, 'summary.json'),
-                        {'step': 10, 'eval_ppl': ppl, 'finished': True})
+  storage.append_jsonl(os.path.join(path, 'summary.json'),
+                       {'step': 10, 'eval_ppl': ppl, 'finished': True})
 
 
 def test_paired_deltas_by_hand(tmp_path):
@@ -83,8 +84,8 @@ def test_study_report_of_real_runs(tmp_path):
     assert name in rel, (name, rel)
   assert 'tiny_test/pre/gates.png' not in rel  # no gates without GPAS
   for seed in (0, 1):
-    imp = runs_lib.read_json(os.path.join(root, 'tiny_test', 'pre', f'seed{seed}', 'analysis',
-                                          'importance.json'))
+    imp = storage.read_json(os.path.join(root, 'tiny_test', 'pre', f'seed{seed}', 'analysis',
+                                         'importance.json'))
     assert len(imp['importance']) == 3 and imp['max_batches'] == 1
   # The deltas are those of the runs' own summaries, paired by seed.
   ppl = {(r.norm_type, r.seed): r.final_eval_ppl() for r in runs_lib.find_runs(root)}

@@ -6,11 +6,11 @@ import shlex
 import subprocess
 import sys
 
-from gpas_jax import sweep
+from gpas_jax.train import sweep
 
 
 def _print_only(*args):
-  out = subprocess.run([sys.executable, '-m', 'gpas_jax.sweep', '--print_only', *args],
+  out = subprocess.run([sys.executable, '-m', 'gpas_jax.train.sweep', '--print_only', *args],
                        capture_output=True, text=True, check=True).stdout
   return [shlex.split(line) for line in out.splitlines()]
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import table
+from gpas_jax import storage
 
 
 def _run(root, rel, size, norm_type, seed, ppl=None, eval_loss=None, metrics_steps=()):
@@ -19,12 +20,12 @@ def _run(root, rel, size, norm_type, seed, ppl=None, eval_loss=None, metrics_ste
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump({'size_name': size, 'seed': seed, 'model': {'norm_type': norm_type}}, f)
   for s in metrics_steps:
-    runs_lib.append_jsonl(os.path.join(path, 'metrics.jsonl'), {'step': s, 'loss': 3.0})
+    storage.append_jsonl(os.path.join(path, 'metrics.jsonl'), {'step': s, 'loss': 3.0})
   if ppl is not None or eval_loss is not None:
     summary = {'step': 100, 'eval_loss': eval_loss, 'wall_s': 1.0, 'finished': True}
     if ppl is not None:
       summary['eval_ppl'] = ppl
-    runs_lib.append_jsonl(os.path.join(path, 'summary.json'), summary)
+    storage.append_jsonl(os.path.join(path, 'summary.json'), summary)
   return path
 
 

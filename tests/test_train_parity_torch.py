@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpas_jax import interop
-from gpas_jax import steps
-from gpas_jax import torch_ref
+from gpas_jax.baseline import torch_model
+from gpas_jax.baseline import torch_train
+from gpas_jax.model import interop
+from gpas_jax.train import steps
 from tests.helpers import tiny_train_config
 
 torch.set_num_threads(1)
@@ -19,10 +20,10 @@ V, D, F, L, H, T, B, K, N = 96, 32, 56, 3, 4, 16, 8, 2, 20
 # sandwich_gpas ~4e-3), so the gate clip engages.
 @pytest.mark.parametrize('norm_type,gate_clip', [('pre_gpas', 3e-4), ('sandwich_gpas', 2e-3)])
 def test_twenty_steps_match_the_pytorch_recipe(norm_type, gate_clip):
-  ref = torch_ref.RefModel(torch_ref.RefConfig(
+  ref = torch_model.RefModel(torch_model.RefConfig(
       vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
       num_attention_heads=H, norm_type=norm_type, post_num=1), seed=4)
-  sd0 = torch_ref.state_dict_numpy(ref)
+  sd0 = torch_model.state_dict_numpy(ref)
   rng = np.random.default_rng(0)
   batches = []
   for _ in range(N):
@@ -33,8 +34,8 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type, gate_clip):
   recipe = dict(lr=3e-3, warmup_steps=5, num_steps=N, micro_batches=K, grad_clip=0.5,
                 gate_clip=gate_clip)
   gate_norms = []
-  t_losses = torch_ref.ref_train(ref, [torch.from_numpy(b) for b in batches], **recipe,
-                                 gate_norms=gate_norms)
+  t_losses = torch_train.ref_train(ref, [torch.from_numpy(b) for b in batches], **recipe,
+                                   gate_norms=gate_norms)
   engaged = sum(n > recipe['gate_clip'] * 1.2 for n in gate_norms)
   assert engaged >= N // 2, gate_norms
 
@@ -60,7 +61,7 @@ def test_twenty_steps_match_the_pytorch_recipe(norm_type, gate_clip):
     j_losses.append(float(m['loss']))
   np.testing.assert_allclose(j_losses, t_losses, rtol=2e-6)
   final = nnx.merge(s.graphdef, state['params'], s.rest)
-  ours, theirs = interop.to_torch_state_dict(final), torch_ref.state_dict_numpy(ref)
+  ours, theirs = interop.to_torch_state_dict(final), torch_model.state_dict_numpy(ref)
   worst = 0.0
   for k, v in theirs.items():
     moved = np.abs(v - sd0[k]).max()  # Adam moves every weight by ~lr per step

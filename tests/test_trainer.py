@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from gpas_jax import checkpoint as ckpt
-from gpas_jax import loading
 from gpas_jax import sharding
-from gpas_jax import trainer
+from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import loading
+from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
 
 
@@ -76,7 +76,7 @@ def test_2x2x2_mesh_matches_one_device_and_restores_on_other_meshes(tmp_path):
   for a, b in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(eight))):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
   # The (2,2,2) checkpoint restores exactly onto (8,1,1) and onto one device.
-  from gpas_jax import steps
+  from gpas_jax.train import steps
   manager = ckpt.make_manager(str(tmp_path / 'eight'), c8)
   for mesh, devices in (((8, 1, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
     c = tiny_train_config(**{'mesh.data': mesh[0], 'mesh.fsdp': mesh[1], 'mesh.tensor': mesh[2]})
@@ -91,7 +91,7 @@ def test_2x2x2_mesh_matches_one_device_and_restores_on_other_meshes(tmp_path):
 
 def test_micro_batches_save_memory_and_loss_chunks_set_the_objective(tmp_path):
   from gpas_jax import data as data_lib
-  from gpas_jax import steps
+  from gpas_jax.train import steps
   c = tiny_train_config(num_train_steps=2, **{'optim.micro_batches': 4})
   s = steps.setup(c, jax.devices()[:1])
   state = steps.init_state(s)
@@ -142,7 +142,7 @@ def test_nan_skip_policy_skips_the_update_and_counts_it_once(tmp_path):
 
 def test_a_skipped_update_leaves_parameters_and_optimizer_state_bit_identical():
   from gpas_jax import data as data_lib
-  from gpas_jax import steps
+  from gpas_jax.train import steps
   c = tiny_train_config(nan_policy='skip', **{'debug.inject_nan_step': 1})
   s = steps.setup(c, jax.devices()[:1])
   train_step = steps.make_train_step(s)
@@ -237,7 +237,7 @@ def test_kill_during_async_save_resumes_from_last_complete_checkpoint(tmp_path):
   manager = ckpt.make_manager(str(workdir), c)
   latest = manager.latest_step()
   assert latest == committed[-1]
-  from gpas_jax import steps
+  from gpas_jax.train import steps
   s = steps.setup(c, jax.devices()[:1])
   state, _ = ckpt.restore(manager, latest, s.abstract_state)  # the last complete one restores
   assert int(state['step']) == latest

@@ -4,8 +4,8 @@ from flax import nnx
 import jax
 import numpy as np
 
-from gpas_jax import integrity
-from gpas_jax import optim
+from gpas_jax.train import integrity
+from gpas_jax.train import optim
 from gpas_jax import tree_paths
 
 

@@ -12,9 +12,9 @@ import textwrap
 import jax
 import pytest
 
-from gpas_jax import faults
-from gpas_jax import trainer
-from gpas_jax import workdir as workdir_lib
+from gpas_jax.train import faults
+from gpas_jax.train import trainer
+from gpas_jax.train import workdir as workdir_lib
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def _hold_lock_in_child(workdir):
   """A second process that takes the workdir lock as a run does and keeps it until killed."""
   code = textwrap.dedent(f'''
       import sys, time
-      from gpas_jax import workdir
+      from gpas_jax.train import workdir
       with workdir.lock({workdir!r}):
         print('locked', flush=True)
         time.sleep(600)

@@ -8,9 +8,9 @@ import sys
 import ml_collections
 import pytest
 
-from gpas_jax import bench_jax
 from gpas_jax import config as config_lib
-from gpas_jax import xla_flags
+from gpas_jax.perf import bench_jax
+from gpas_jax.runtime import xla_flags
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def test_the_bench_config_runs_dots_on_eigen_and_reductions_on_ynnpack():
   script = (
       'import re, sys, jax, jax.numpy as jnp\n'
       'from configs import bench_cpu\n'
-      'from gpas_jax import xla_flags\n'
+      'from gpas_jax.runtime import xla_flags\n'
       'if sys.argv[1] == "config": xla_flags.apply(bench_cpu.get_config())\n'
       'f = jax.jit(lambda a, b: (a @ b, jnp.sum(jnp.exp(a), axis=1)))\n'
       'hlo = f.lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()\n'
@@ -91,7 +91,7 @@ def test_train_py_applies_config_flags_and_names_them_in_its_start_up_block(tmp_
 
 
 def test_in_process_training_warns_when_config_flags_are_not_in_effect(tmp_path, caplog):
-  from gpas_jax import trainer  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import trainer  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   c = tiny_train_config(num_train_steps=1, xla_flags='--xla_cpu_enable_fast_min_max=false',
                         **{'optim.warmup_steps': 0})

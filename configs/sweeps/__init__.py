@@ -1,1 +1,1 @@
-"""Sweep files for `python -m gpas_jax.sweep --sweep configs/sweeps/<name>.py`."""
+"""Sweep files for `python -m gpas_jax.train.sweep --sweep configs/sweeps/<name>.py`."""

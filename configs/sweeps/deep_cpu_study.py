@@ -1,7 +1,7 @@
 """The deep CPU study: 12 layers of hidden 128, Pre and Sandwich with and without GPAS, in
 float32 and in the release's pure bf16 (baseline_faithful), three seeds: 24 runs.
 
-    python -m gpas_jax.sweep --sweep configs/sweeps/deep_cpu_study.py --root runs/deep_cpu_study \\
+    python -m gpas_jax.train.sweep --sweep configs/sweeps/deep_cpu_study.py --root runs/deep_cpu_study \\
         --parallel 2
     python -m gpas_jax.analysis.study --root runs/deep_cpu_study --out docs/deep_cpu_study
 

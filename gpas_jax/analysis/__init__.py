@@ -1,10 +1,13 @@
-"""The paper's analyses: per-layer statistics (stats), figures (plots), the results table (table).
+"""The paper's analyses of finished runs: figures, results tables, the seeded study.
 
 Submodules are imported on use, so that `table` and `plots` start without loading JAX:
-  stats    activation_variance, layer_grad_norms, training_stats, layer_importance, eval_loss
-  plots    PNG figures from analysis.jsonl / metrics.jsonl records
   runs     reading run directories (config.json, metrics.jsonl, analysis.jsonl, summary.json)
-  table    python -m gpas_jax.analysis.table --root DIR: the paper's results table
-  compare  python -m gpas_jax.analysis.compare --runs A B --out DIR: multi-run figures
+  plots    PNG figures from analysis.jsonl / metrics.jsonl records
   cli      python -m gpas_jax.analysis --workdir RUN: one run's figures
+  compare  python -m gpas_jax.analysis.compare --runs A B --out DIR: multi-run figures
+  table    python -m gpas_jax.analysis.table --root DIR: the paper's results table
+  study    python -m gpas_jax.analysis.study --root DIR: paired GPAS deltas and figures
+The per-layer statistics themselves (computed inside training too) are gpas_jax.model.stats.
+
+May import: storage, tree_paths, sharding, distributed, runtime, config, model, data, train.
 """

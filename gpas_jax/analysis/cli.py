@@ -14,9 +14,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from gpas_jax import console
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import console
+from gpas_jax import storage
 
 
 def run_importance(workdir: str, step: int | None = None,
@@ -28,12 +29,12 @@ def run_importance(workdir: str, step: int | None = None,
   step = saved[-1] if step is None else step  # Recorded with the result.
   # Lazy: the checkpoint and data modules pull in orbax and grain, not needed for the figures.
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from gpas_jax import loading  # pylint: disable=import-outside-toplevel
   from gpas_jax import data  # pylint: disable=import-outside-toplevel
-  from gpas_jax.analysis import stats  # pylint: disable=import-outside-toplevel
+  from gpas_jax.model import stats  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   _, model = loading.load_model(workdir, step=step)
   # The run's own config.json: load_model shrinks the batch sizes for its one-device restore.
-  config = ml_collections.ConfigDict(runs_lib.read_json(os.path.join(workdir, 'config.json')))
+  config = ml_collections.ConfigDict(storage.read_json(os.path.join(workdir, 'config.json')))
   batches = data.make_eval_batches(config)
   if max_batches:
     batches = itertools.islice(batches, max_batches)

@@ -14,9 +14,10 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from gpas_jax import console
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import console
+from gpas_jax import storage
 
 
 def _labels(runs: list[runs_lib.RunDir]) -> list[str]:
@@ -86,7 +87,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
         title='Residual-stream variance after each layer (one colour scale)'))
   importances, no_importance = {l: [] for l in groups}, []
   for l, r in zip(labels, runs):
-    imp = runs_lib.read_json(r.importance_path)
+    imp = storage.read_json(r.importance_path)
     if imp:
       importances[l].append(imp['importance'])
     else:

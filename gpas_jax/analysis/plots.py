@@ -1,6 +1,6 @@
 """PNG figures of the paper's analyses, drawn with matplotlib's Agg canvas (no display, no pyplot).
 
-Each function takes records as read by `runs.read_jsonl` (or arrays), writes one PNG and returns
+Each function takes records as read by `storage.read_jsonl` (or arrays), writes one PNG and returns
 its path. Non-finite values leave gaps rather than failing. One layer numbering everywhere:
 decoder layers are 1..L; the residual stream after the embedding (index 0 of act_var) is 'emb'.
 Figures over several seeds draw the mean and a band of +-1 standard deviation.
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax import storage
 
 _DPI = 120
 TRAIN_LOSS_LABEL = 'train loss (mean over each log window)'

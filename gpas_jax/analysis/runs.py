@@ -5,72 +5,13 @@ through etils.epath, so run roots may be local or gs:// (as the trainer's workdi
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Iterator, Mapping
 
-from absl import logging
 from etils import epath
 
-_NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf,
-              'infinity': math.inf, '-infinity': -math.inf}
-
-
-def _decode(value: Any) -> Any:
-  """Turns the strings 'nan' / 'inf' / '-inf' back into floats, in lists and dicts too."""
-  if isinstance(value, str):
-    return _NONFINITE.get(value.lower(), value)
-  if isinstance(value, list):
-    return [_decode(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _decode(v) for k, v in value.items()}
-  return value
-
-
-def _encode(value: Any) -> Any:
-  """Writes non-finite floats as strings, since strict JSON has no NaN or Infinity."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  if isinstance(value, (list, tuple)):
-    return [_encode(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _encode(v) for k, v in value.items()}
-  return value
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-  """The decoded JSON object in `path`, or None when the file does not exist."""
-  p = epath.Path(path)
-  if not p.exists():
-    return None
-  return _decode(json.loads(p.read_text(encoding='utf-8')))
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Every record of a .jsonl file in file order ([] if absent); skips a torn last line."""
-  p = epath.Path(path)
-  if not p.exists():
-    return []
-  out = []
-  for n, line in enumerate(p.read_text(encoding='utf-8').splitlines(), 1):
-    line = line.strip()
-    if not line:
-      continue
-    try:
-      out.append(_decode(json.loads(line)))
-    except json.JSONDecodeError:
-      # A run killed mid-write leaves half a line; the rest of the file is still good.
-      logging.warning('%s:%d is not valid JSON; skipped.', path, n)
-  return out
-
-
-def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
-  """Appends one record as a JSON line (local paths), non-finite floats as 'nan' / 'inf'."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'a', encoding='utf-8') as f:
-    f.write(json.dumps(_encode(dict(record))) + '\n')
-
+from gpas_jax import storage
 
 def last_per_step(records: list[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
   """The records that have `key`, the last one of each step (a resumed run repeats steps)."""
@@ -116,11 +57,11 @@ class RunDir:
 
   def metrics(self) -> list[dict[str, Any]]:
     """The records of metrics.jsonl (train and eval)."""
-    return read_jsonl(os.path.join(self.path, 'metrics.jsonl'))
+    return storage.read_jsonl(os.path.join(self.path, 'metrics.jsonl'))
 
   def analysis(self) -> list[dict[str, Any]]:
     """The records of analysis.jsonl, the last of each step."""
-    return list(last_per_step(read_jsonl(os.path.join(self.path, 'analysis.jsonl')), 'act_var'))
+    return list(last_per_step(storage.read_jsonl(os.path.join(self.path, 'analysis.jsonl')), 'act_var'))
 
   @property
   def importance_path(self) -> str:
@@ -154,7 +95,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def is_run_dir(path: str) -> bool:
   """True for a directory whose config.json is one of our run configs (not an HF config)."""
   try:
-    cfg = read_json(os.path.join(path, 'config.json'))
+    cfg = storage.read_json(os.path.join(path, 'config.json'))
   except (OSError, json.JSONDecodeError, UnicodeDecodeError):
     return False
   return isinstance(cfg, dict) and isinstance(cfg.get('model'), dict) and (
@@ -165,8 +106,8 @@ def load_run(path: str) -> RunDir:
   """Reads a run directory's config.json and summary.json."""
   if not is_run_dir(path):
     raise FileNotFoundError(f'{path} is not a run directory (no config.json with model.norm_type).')
-  return RunDir(path=path, config=read_json(os.path.join(path, 'config.json')),
-                summary=read_json(os.path.join(path, 'summary.json')))
+  return RunDir(path=path, config=storage.read_json(os.path.join(path, 'config.json')),
+                summary=storage.read_json(os.path.join(path, 'summary.json')))
 
 
 def find_runs(root: str) -> Iterator[RunDir]:

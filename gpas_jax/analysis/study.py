@@ -28,12 +28,12 @@ from absl import flags
 import numpy as np
 from scipy import stats as sp_stats
 
-from gpas_jax import console
 from gpas_jax.analysis import cli
 from gpas_jax.analysis import compare
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import table as table_lib
+from gpas_jax.runtime import console
 
 
 @dataclasses.dataclass(frozen=True)

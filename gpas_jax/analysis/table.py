@@ -22,8 +22,8 @@ from absl import flags
 from etils import epath
 import ml_collections
 
-from gpas_jax import console
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import console
 
 # Architecture bases in the paper's order; post has no GPAS twin in the baseline.
 BASES = ('pre', 'post', 'post_pre', 'sandwich', 'lns', 'deeppost')

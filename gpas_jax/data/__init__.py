@@ -2,6 +2,8 @@
 
 The names below load their module on first use, so `python -m gpas_jax.data.tokenizer` and the
 grain worker processes (which import gpas_jax.data.layouts) do not import the whole package.
+
+May import: storage, tree_paths, sharding, distributed, runtime, config (model is a peer).
 """
 
 import importlib

@@ -23,8 +23,8 @@ import pathlib
 
 import tensorflow_datasets as tfds
 
-from gpas_jax import console
 from gpas_jax.data.errors import DataError
+from gpas_jax.runtime import console
 
 TEXT_SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz', '.json.gz')
 _HASH_BUCKETS = 10_000

@@ -31,12 +31,12 @@ import grain
 import ml_collections
 import numpy as np
 
+from gpas_jax.data.errors import DataError
 from gpas_jax.data import layouts
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
 from gpas_jax.data import tokens
 from gpas_jax.data import validate
-from gpas_jax.data.errors import DataError
 
 STATE_VERSION = 1
 # What a saved train state must agree on with the config to replay exactly, per layout. Padded

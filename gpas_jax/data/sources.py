@@ -25,10 +25,10 @@ from etils import epath
 import ml_collections
 import tensorflow_datasets as tfds
 
-from gpas_jax import console
 from gpas_jax.data import builders
 from gpas_jax.data import corpus
 from gpas_jax.data.errors import DataError
+from gpas_jax.runtime import console
 
 EMBEDDED_VALIDATION_PERCENT = 5.0
 _BUILDER_DIR = f'{builders.GpasTextFolder.name}/{builders.GpasTextFolder.VERSION}'

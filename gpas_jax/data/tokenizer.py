@@ -28,10 +28,10 @@ from absl import logging
 import ml_collections
 import sentencepiece as spm
 
-from gpas_jax import console
 from gpas_jax.data import corpus
-from gpas_jax.data import sources
 from gpas_jax.data.errors import DataError
+from gpas_jax.data import sources
+from gpas_jax.runtime import console
 
 SPECIAL_IDS = {'pad_id': 0, 'eos_id': 1, 'unk_id': 2, 'bos_id': -1}
 # The default tokenizer is BPE: on the embedded corpus it trains in ~0.5 s versus ~3 s for

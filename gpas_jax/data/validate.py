@@ -3,10 +3,10 @@
 import ml_collections
 
 from gpas_jax import config as gconfig
+from gpas_jax.data.errors import DataError
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
 from gpas_jax.data import tokens
-from gpas_jax.data.errors import DataError
 
 
 def validate_data(config: ml_collections.ConfigDict, process_count: int | None = None) -> None:

@@ -1,0 +1,125 @@
+"""Baseline-format (HF `save_pretrained`) directories: export our runs, evaluate theirs.
+
+    python -m gpas_jax.baseline.hf_tools export --workdir RUN --out HF_DIR [--step N]
+    python -m gpas_jax.baseline.hf_tools eval --hf_dir HF_DIR --norm_type pre_gpas [--config configs/tiny.py]
+
+`export` writes config.json + model.safetensors with the baseline's parameter names, which the
+baseline's LlamaForCausalLM loads with strict=True. `eval` runs a baseline checkpoint through our
+eval pipeline (data.make_eval_batches) and reports the loss as the trainer does (the mean of
+per-batch token means; perplexity = exp) - the baseline's own script divides by batches + 1.
+"""
+
+import itertools
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from gpas_jax.model import interop
+from gpas_jax.model import transformer as model_lib
+from gpas_jax.runtime import console
+
+# The model dims a baseline config.json fixes; the eval config must agree with them.
+_HF_DIMS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+            'norm_type', 'post_num')
+
+
+def evaluate_model(model: model_lib.Transformer, batches: Iterable[Any],
+                   pad_id: int = 0) -> tuple[float, float]:
+  """(eval loss, perplexity): the mean of per-batch token-mean losses, and its exp."""
+  from gpas_jax.model import stats  # pylint: disable=import-outside-toplevel
+  loss = stats.eval_loss(model, batches, pad_id)
+  return loss, math.exp(loss) if loss < 700 else math.inf
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None) -> str:
+  """Writes a run's checkpoint (latest, or `step`) as a baseline-format directory."""
+  from gpas_jax.analysis import runs  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
+  if step is None:
+    saved = runs.checkpoint_steps(workdir)
+    step = saved[-1] if saved else None
+  config, model = loading.load_model(workdir, step=step)
+  interop.save_hf_directory(model, out_dir)
+  # Provenance next to the weights; HF loaders ignore unknown files.
+  with open(os.path.join(out_dir, 'gpas_jax_export.json'), 'w', encoding='utf-8') as f:
+    json.dump({'workdir': os.path.abspath(workdir), 'step': step,
+               'size_name': config.get('size_name'), 'seed': config.get('seed'),
+               'norm_type': model.config.norm_type}, f, indent=1)
+  return out_dir
+
+
+def eval_config(config: ml_collections.ConfigDict,
+                model_cfg: model_lib.ModelConfig) -> ml_collections.ConfigDict:
+  """A copy of the run config with the model dims of the loaded model (the tokenizer checks
+  its vocab against config.model.vocab_size)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for k in _HF_DIMS:
+    if k in config.model and config.model[k] != model_cfg[k]:
+      logging.info('eval config: model.%s %r -> %r (from the checkpoint).', k, config.model[k],
+                   model_cfg[k])
+    config.model[k] = model_cfg[k]
+  return config
+
+
+def evaluate_hf_directory(hf_dir: str, config: ml_collections.ConfigDict,
+                          norm_type: str | None = None, post_num: int | None = None,
+                          max_batches: int | None = None) -> tuple[float, float]:
+  """(eval loss, perplexity) of a `save_pretrained` directory on config's eval data."""
+  from gpas_jax import data  # pylint: disable=import-outside-toplevel
+  model = interop.load_hf_directory(hf_dir, norm_type=norm_type, post_num=post_num)
+  config = eval_config(config, model.config)
+  batches = data.make_eval_batches(config)
+  if max_batches:
+    batches = itertools.islice(batches, max_batches)
+  from gpas_jax.model import stats  # pylint: disable=import-outside-toplevel
+  batches = stats.model_batches(batches, packed=config.data.layout == 'packed')
+  batches = console.progress(batches, f'eval of {hf_dir}', unit='batches')
+  return evaluate_model(model, batches, pad_id=config.data.pad_id)
+
+
+def define_flags() -> None:
+  """Defines this tool's flags (only when run as a program)."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('workdir', None, 'export: the run directory.')
+  flags.DEFINE_string('out', None, 'export: the directory to write.')
+  flags.DEFINE_integer('step', None, 'export: checkpoint step; default the latest.')
+  flags.DEFINE_string('hf_dir', None, 'eval: a save_pretrained directory.')
+  flags.DEFINE_string('norm_type', None, "eval: the baseline's NORM_TYPE (needed when "
+                      'config.json does not name it).')
+  flags.DEFINE_integer('post_num', None, 'eval: Mix-LN post_num; default from config.json or 0.')
+  flags.DEFINE_integer('max_batches', 0, 'eval: stop after this many batches; 0 = all.')
+  config_flags.DEFINE_config_file('config', None, 'eval: the config whose data section gives '
+                                  'the eval set; default configs/tiny.py.')
+
+
+def main(argv: Sequence[str]) -> None:
+  console.quiet_logs()
+  f = flags.FLAGS
+  if len(argv) != 2 or argv[1] not in ('export', 'eval'):
+    raise app.UsageError('usage: python -m gpas_jax.baseline.hf_tools {export|eval} [flags]')
+  if argv[1] == 'export':
+    if not f.workdir or not f.out:
+      raise app.UsageError('export needs --workdir and --out.')
+    print(export_run(f.workdir, f.out, f.step))
+    return
+  if not f.hf_dir:
+    raise app.UsageError('eval needs --hf_dir.')
+  if f.config is not None:
+    config = f.config
+  else:
+    from gpas_jax.train import sweep  # pylint: disable=import-outside-toplevel
+    config = sweep.load_config_file('configs/tiny.py')  # found from any directory
+  loss, ppl = evaluate_hf_directory(f.hf_dir, config, f.norm_type, f.post_num,
+                                    f.max_batches or None)
+  print(json.dumps({'hf_dir': f.hf_dir, 'eval_loss': loss, 'eval_ppl': ppl}))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,12 @@
+"""Performance tools, the top of the house.
+
+  bench         python -m gpas_jax.perf.bench: tokens/s, MFU, GPAS cost, PyTorch side by side
+  bench_jax     the JAX variants' timing
+  bench_torch   the PyTorch side
+  bench_proc    worker processes, CPU share of other processes
+  bench_report  per-round ratios, intervals and the report
+  bench_worker  the worker processes' entry point
+  aot           python -m gpas_jax.perf.aot: compile a config for a mesh without allocating it
+
+May import: every layer below.
+"""

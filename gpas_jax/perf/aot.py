@@ -1,0 +1,264 @@
+"""Ahead-of-time plan: compile the train step for a mesh without allocating it.
+
+  python -m gpas_jax.perf.aot --config configs/llama_7b.py --mesh 1,64,1 --chip v5p [--remat full]
+  python -m gpas_jax.perf.aot --compile_study          # compile time vs depth, scanned vs unscanned
+
+The train step of gpas_jax.train.steps is lowered on abstract arrays (`steps.setup(...).abstract_state`
+and an abstract batch of `optim.global_batch_size` x `data.max_length` tokens) over a mesh of fake
+CPU devices (this command sets `jax_num_cpu_devices` to the mesh size before any backend starts),
+compiled, and read back:
+
+- per-device memory: parameters and optimizer state (from the state's shardings), and XLA's
+  buffer assignment (`compiled.memory_analysis()`: arguments, outputs, temporaries = activations
+  kept for the backward pass at the chosen remat policy plus scratch), with a peak estimate
+  arguments + outputs - aliased (donated) + temporaries, against a chip's HBM;
+- FLOPs per step and device from XLA's cost analysis, against `metrics.training_flops_per_step`
+  (model FLOPs; with remat XLA also counts the recomputed forward, about 4/3 of them, and it
+  counts elementwise work the model count leaves out). XLA counts a while loop's body once, so
+  for a scanned stack the count is taken on the same step lowered with its layers unrolled.
+
+The CPU backend's buffer assignment is not the TPU's or GPU's: XLA:CPU fuses less, keeps more
+fp32 temporaries and has no memory-space assignment or TPU-specific rematerialisation, so the
+temporaries reported here are an estimate of the same program on an accelerator, usually on the
+high side.
+"""
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import gpas_jax
+
+GIB = 1024.0 ** 3
+# HBM per chip in GiB.
+HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32, 'h100': 80, 'h200': 141, 'a100': 80}
+
+
+def use_fake_cpu_devices(n: int) -> None:
+  """n fake CPU devices; must run before any JAX backend starts."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', n)
+  if jax.device_count() != n:
+    raise RuntimeError(f'asked for {n} fake CPU devices but JAX has {jax.device_count()}: a '
+                       'backend started before use_fake_cpu_devices (run this in a fresh process).')
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  """'1,64,1' -> (data, fsdp, tensor)."""
+  parts = [int(p) for p in text.replace('x', ',').split(',') if p.strip()]
+  if len(parts) != 3 or any(p < 1 for p in parts):
+    raise ValueError(f'--mesh {text!r}: give data,fsdp,tensor as three positive integers.')
+  return tuple(parts)
+
+
+def _shard_bytes(tree: Any, shardings: Any) -> float:
+  """Bytes one device holds of an abstract tree under its shardings (the largest shard)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  total = 0.0
+  for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shape = sh.shard_shape(leaf.shape) if leaf.shape else ()
+    total += float(np.prod(shape, dtype=np.float64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _cost_flops(stage) -> float | None:
+  """The 'flops' of a Lowered or Compiled stage's cost analysis (None where unavailable)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  return float(cost.get('flops', math.nan))
+
+
+def plan(config, chip: str | None = None, devices=None, count_flops: bool = True) -> dict[str, Any]:
+  """Lowers and compiles config's train step on abstract arrays; returns memory and FLOPs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from gpas_jax import sharding  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import metrics  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  s = steps.setup(config, devices)
+  b, t = config.optim.global_batch_size, config.data.max_length
+  tok = jax.ShapeDtypeStruct((b, t), jax.numpy.int32, sharding=s.batch_sharding)
+  batch = {'input_ids': tok, 'segment_ids': tok}
+  run = steps.make_train_step(s)
+  with sharding.use_mesh(s.mesh, s.rules):
+    t1 = time.perf_counter()
+    lowered = run.jitted.lower(s.abstract_state, batch)
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+  n = s.mesh.size
+  sh = s.state_shardings
+  params_b = _shard_bytes(s.abstract_state['params'], sh['params'])
+  opt_b = _shard_bytes(s.abstract_state['opt_state'], sh['opt_state'])
+  out: dict[str, Any] = {
+      'mesh': dict(s.mesh.shape), 'devices': n, 'batch': b, 'seq': t,
+      'remat_policy': config.model.remat_policy, 'scan_layers': config.model.scan_layers,
+      'param_dtype': config.model.param_dtype, 'compute_dtype': config.model.compute_dtype,
+      'micro_batches': config.optim.micro_batches,
+      'setup_s': t1 - t0, 'lower_s': t2 - t1, 'compile_s': t3 - t2,
+      'params_bytes_per_device': params_b, 'opt_state_bytes_per_device': opt_b,
+  }
+  ma = None
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if ma is not None:
+    mem = {k: float(getattr(ma, f'{k}_size_in_bytes', 0) or 0)
+           for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+    mem['peak_estimate'] = mem['argument'] + mem['output'] - mem['alias'] + mem['temp']
+    out['memory_analysis_bytes'] = mem
+  flops = metrics.training_flops_per_step(s.model_config, b, t)
+  out['model_flops_per_device'] = flops['total'] / n
+  # XLA's cost analysis counts a while loop's body once, so a scanned stack would count one
+  # layer: count the FLOPs on the same step lowered with the layers unrolled (lowering only, no
+  # compile; the unpartitioned module, divided by the devices).
+  out['xla_flops_compiled_per_device'] = _cost_flops(compiled)  # scan body counted once
+  if config.model.scan_layers and count_flops:
+    c2 = config.copy_and_resolve_references()
+    c2.model.scan_layers = False
+    s2 = steps.setup(c2, devices)
+    with sharding.use_mesh(s2.mesh, s2.rules):
+      lowered = steps.make_train_step(s2).jitted.lower(s2.abstract_state, batch)
+  xla = _cost_flops(lowered) if count_flops else None
+  out['xla_flops_per_device'] = None if xla is None else xla / n
+  if xla:
+    out['xla_over_model_flops'] = out['xla_flops_per_device'] / out['model_flops_per_device']
+  if chip:
+    key = chip.lower().replace('tpu_', '').replace('tpu', '')
+    if key not in HBM_GIB:
+      raise ValueError(f'--chip {chip!r}: known chips {", ".join(HBM_GIB)}.')
+    out['chip'], out['hbm_bytes'] = key, HBM_GIB[key] * GIB
+    if 'memory_analysis_bytes' in out:
+      out['fits'] = out['memory_analysis_bytes']['peak_estimate'] <= out['hbm_bytes']
+  return out
+
+
+def format_plan(p: dict[str, Any], title: str = '') -> str:
+  """Human-readable lines of a plan."""
+  mesh = ', '.join(f'{k} {v}' for k, v in p['mesh'].items())
+  lines = [f'{title}mesh ({mesh}) = {p["devices"]} devices; batch {p["batch"]} x {p["seq"]} '
+           f'(micro-batches {p["micro_batches"]}); remat {p["remat_policy"]}, scan '
+           f'{p["scan_layers"]}, {p["param_dtype"]}/{p["compute_dtype"]}',
+           f'  lower {p["lower_s"]:.1f} s, compile {p["compile_s"]:.1f} s',
+           f'  per device: parameters {p["params_bytes_per_device"] / GIB:.3f} GiB, optimizer state '
+           f'{p["opt_state_bytes_per_device"] / GIB:.3f} GiB']
+  mem = p.get('memory_analysis_bytes')
+  if mem:
+    lines.append(f'  XLA memory_analysis per device: arguments {mem["argument"] / GIB:.3f} GiB, '
+                 f'outputs {mem["output"] / GIB:.3f} GiB (aliased with arguments '
+                 f'{mem["alias"] / GIB:.3f}), temporaries/activations {mem["temp"] / GIB:.3f} GiB, '
+                 f'code {mem["generated_code"] / 2**20:.1f} MiB')
+    lines.append(f'  peak estimate (arguments + outputs - aliased + temporaries): '
+                 f'{mem["peak_estimate"] / GIB:.3f} GiB per device')
+  xla = p.get('xla_flops_per_device')
+  lines.append(f'  FLOPs per step per device: model (metrics.training_flops_per_step) '
+               f'{p["model_flops_per_device"] / 1e12:.3f} TFLOP; XLA cost_analysis '
+               + (f'{xla / 1e12:.3f} TFLOP ({p["xla_over_model_flops"]:.2f}x)' if xla else 'n/a'))
+  if 'chip' in p:
+    if 'fits' in p:
+      verdict = 'FITS' if p['fits'] else 'DOES NOT FIT'
+      lines.append(f'  {p["chip"]}: {p["hbm_bytes"] / GIB:.0f} GiB HBM per chip -> {verdict} '
+                   f'({100 * mem["peak_estimate"] / p["hbm_bytes"]:.0f}% of HBM)')
+  return '\n'.join(lines)
+
+
+def compile_study(layers_scanned=(12, 24), unscanned: int = 24, hidden: int = 768, ffn: int = 2560,
+                  heads: int = 16, vocab: int = 1024, batch: int = 1, seq: int = 256,
+                  repeats: int = 2, log=print) -> dict[str, float]:
+  """Compile time of the train step (fwd + bwd + Adam) at 250m dims (vocab small): scanned at two
+  depths, and scanned vs a Python loop at one depth, on one device.
+
+  Returns {'scan_12': s, 'scan_24': s, 'loop_24': s, ...}: lower + compile seconds, the best of
+  `repeats` interleaved rounds (each compile is of a distinct program: no cache hits), and ratios.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, gpas_jax.ROOT)
+  from configs import base  # pylint: disable=import-outside-toplevel
+  results: dict[str, float] = {}
+  runs = [(n, True) for n in layers_scanned] + [(unscanned, False)]
+  for r in range(repeats):
+    for n, scan in runs:
+      c = base.get_config()
+      m = c.model
+      m.hidden_size, m.intermediate_size, m.num_heads, m.vocab_size = hidden, ffn, heads, vocab
+      m.num_layers, m.post_num, m.scan_layers = n, n // 4, scan
+      c.optim.global_batch_size, c.data.max_length, c.data.eval_batch_size = batch, seq, batch
+      c.mesh.data = 1
+      c.optim.lr = 1e-3 * (1 + r)  # a distinct program each round: no compilation-cache hit
+      p = plan(c, devices=jax.devices()[:1], count_flops=False)
+      key = f'{"scan" if scan else "loop"}_{n}'
+      total = p['lower_s'] + p['compile_s']
+      results[key] = min(results.get(key, math.inf), total)
+      results[key + '_compile_only'] = min(results.get(key + '_compile_only', math.inf),
+                                           p['compile_s'])
+      log(f'[compile study] {key}: lower {p["lower_s"]:.1f} s + compile {p["compile_s"]:.1f} s')
+  a, b = layers_scanned
+  results[f'scan_{b}_over_scan_{a}'] = results[f'scan_{b}'] / results[f'scan_{a}']
+  if f'scan_{unscanned}' in results:
+    results[f'loop_{unscanned}_over_scan_{unscanned}'] = (results[f'loop_{unscanned}']
+                                                          / results[f'scan_{unscanned}'])
+  return results
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  del argv
+  f = flags.FLAGS
+  if f.compile_study:
+    use_fake_cpu_devices(1)
+    r = compile_study()
+    print(f'compile time (lower + compile, train step, 250m dims, vocab 1024, CPU): scanned 12 '
+          f'layers {r["scan_12"]:.1f} s, scanned 24 layers {r["scan_24"]:.1f} s -> '
+          f'{r["scan_24_over_scan_12"]:.2f}x (target <= 1.5x); 24 layers unscanned '
+          f'{r["loop_24"]:.1f} s -> {r["loop_24_over_scan_24"]:.2f}x the scanned one')
+    if f.json:
+      print(json.dumps(r))
+    return
+  data, fsdp, tensor = parse_mesh(f.mesh)
+  use_fake_cpu_devices(data * fsdp * tensor)
+  c = f.config
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = data, fsdp, tensor, 1
+  if f.remat:
+    c.model.remat_policy = f.remat
+  if f.batch:
+    c.optim.global_batch_size = f.batch
+  # The eval batch only has to split over the mesh; it is not compiled here.
+  shards = data * fsdp
+  c.data.eval_batch_size = max(shards, c.data.eval_batch_size // shards * shards)
+  p = plan(c, f.chip)
+  print(format_plan(p, f'{c.get("size_name", "")} {c.model.norm_type}: '), flush=True)
+  if f.json:
+    print(json.dumps(p, default=float))
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'llama_7b.py'),
+                                  'A config file; override fields with --config.<field>=<value>.')
+  flags.DEFINE_string('mesh', '1,64,1', 'data,fsdp,tensor mesh of fake CPU devices.')
+  flags.DEFINE_string('chip', 'v5p', f'HBM table entry: {", ".join(HBM_GIB)}.')
+  flags.DEFINE_enum('remat', '', ['', 'none', 'full', 'save_dots'],
+                    'model.remat_policy (default: the config\'s).')
+  flags.DEFINE_integer('batch', 0, 'Global batch in sequences (default: the config\'s).')
+  flags.DEFINE_bool('compile_study', False, 'Measure compile time vs depth and scanning instead.')
+  flags.DEFINE_bool('json', False, 'Also print the figures as one JSON object.')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,17 @@
+"""Training: the loop and everything a run writes or restores.
+
+  trainer      start-up, resume or init, the loop, the end (train.py calls train())
+  steps        the sharded state and the jitted train and eval steps
+  optim        schedule, clipping, accumulation, precision of the Adam state
+  torch_optim  torch's Adam and clip_grad_norm_ arithmetic as optax transformations
+  checkpoint   Orbax manager, restore onto any mesh, data-iterator state, fallback
+  integrity    checksums of every saved array, computed on device
+  workdir      the workdir lock, finished runs, resume checks, torn-line repair
+  faults       exit codes, error types, SIGTERM / Ctrl-C, the NaN guard
+  metrics      FLOPs and MFU, metric writers (stdout, metrics.jsonl, TensorBoard, W&B)
+  loading      a run's model from its checkpoint (analysis and export)
+  init_from    config.init_from: start from a baseline checkpoint
+  sweep        python -m gpas_jax.train.sweep: a sweep's runs, one after another or N pinned
+
+May import: storage, tree_paths, sharding, distributed, runtime, config, model, data.
+"""

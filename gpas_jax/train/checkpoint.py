@@ -1,0 +1,286 @@
+"""Orbax checkpoints: async saves, keep-last-K, resume, restore onto any mesh, data-iterator state.
+
+Every save records a checksum of each array (integrity.py) in its meta item; a restore verifies
+them. Resuming takes the newest intact checkpoint: a damaged or incomplete one is named (step,
+path, cause) and moved to WORKDIR/checkpoints_damaged, never deleted. A failed asynchronous save
+is raised at the next step boundary (Saver.poll) as CheckpointSaveError.
+"""
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from gpas_jax.config import ConfigError
+from gpas_jax.train.faults import CheckpointError, CheckpointSaveError
+from gpas_jax.train import integrity
+
+STATE, DATA, META = 'state', 'data', 'meta'
+CHECKSUMS = 'checksums'
+DAMAGED_DIR = 'checkpoints_damaged'
+
+
+class _DataState:
+  """A snapshot of the data iterator's state, for grain's per-process checkpoint handler.
+
+  The snapshot is taken when the save starts, so an asynchronous save cannot see batches the
+  loop draws afterwards.
+  """
+
+  def __init__(self, iterator: Any, snapshot: dict | None = None):
+    self.iterator = iterator
+    self.snapshot = snapshot
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.snapshot).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoints live."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """A manager that keeps the last `checkpoint_keep` steps and saves asynchronously."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoint_keep, create=True,
+      enable_async_checkpointing=config.checkpoint_async)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler(),
+                     META: ocp.JsonCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         meta: dict[str, Any], force: bool = True) -> bool:
+  """Starts a save of the train state, the data iterator and run metadata at `step`."""
+  meta = {**meta, CHECKSUMS: integrity.fingerprints(state)}
+  args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+  if data_iterator is not None:
+    args[DATA] = grain.checkpoint.CheckpointSave(
+        _DataState(data_iterator, data_iterator.get_state()))
+  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """The folder of one checkpoint step."""
+  return epath.Path(manager.directory) / str(step)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The run metadata saved with `step` (process count, mesh, checksums)."""
+  meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  if not isinstance(meta, dict):
+    raise ValueError(f'the meta item of step {step} is {type(meta).__name__}, not a JSON object.')
+  return meta
+
+
+def read_data_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The data iterator state saved with `step` (this host's, else host 0's), None if absent."""
+  path = step_dir(manager, step) / DATA
+  mine = list(path.glob(f'process_{jax.process_index()}-of-*.json')) if path.exists() else []
+  files = mine or (list(path.glob('process_0-of-*.json')) if path.exists() else [])
+  return json.loads(files[0].read_text()) if files else None
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  """{leaf path: shape} of the train state saved at `step`, from its metadata alone."""
+  state_dir = step_dir(manager, step) / STATE
+  for path in (state_dir, state_dir / '_METADATA'):
+    if not path.exists():
+      raise FileNotFoundError(f'{path} is missing (an incomplete or damaged save)')
+  tree = manager.item_metadata(step)[STATE]
+  if tree is None:
+    raise FileNotFoundError(f'{state_dir}/_METADATA is unreadable')
+  return {integrity.path_str(p): tuple(m.shape)
+          for p, m in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def verify(state: Any, meta: dict[str, Any], step: int, where: str) -> None:
+  """Raises CheckpointError when a restored array differs from the checksum saved with it."""
+  expected = meta.get(CHECKSUMS)
+  if expected is None:
+    logging.warning('Checkpoint step %d (%s) has no checksums (saved by an older version); '
+                    'not verified.', step, where)
+    return
+  bad = integrity.mismatches(state, expected)
+  if bad:
+    reason = (f'{len(bad)} array(s) differ from their saved checksums ({", ".join(bad[:4])}'
+              f'{", ..." if len(bad) > 4 else ""})')
+    error = CheckpointError(f'checkpoint step {step} at {where} is damaged: {reason}.')
+    error.reason = reason
+    raise error
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+  """Restores the state onto the shardings of `abstract_state` (any mesh) and the iterator.
+
+  The arrays are verified against the checksums saved with them (CheckpointError if not).
+  """
+  meta = read_meta(manager, step)
+  args = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    saved_count, count = meta.get('process_count'), jax.process_count()
+    path = epath.Path(manager.directory) / str(step) / DATA
+    if (path / f'process_{jax.process_index()}-of-{count}.json').exists():
+      args[DATA] = grain.checkpoint.CheckpointRestore(_DataState(data_iterator))
+    else:
+      # Another host count: the padded layout's state is one global position, the same on
+      # every host, so any host's file resumes it; the packed layout refuses with both counts.
+      first = path / f'process_0-of-{saved_count}.json'
+      if not first.exists():
+        raise RuntimeError(f'checkpoint step {step} has no data iterator state in {path}.')
+      data_iterator.set_state(json.loads(first.read_text()))
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  verify(restored[STATE], meta, step, str(step_dir(manager, step)))
+  return restored[STATE], meta
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: what a restore lays the arrays out as."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def cause(e: BaseException) -> str:
+  """The root cause of an error, as 'Type: first line of its message'."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = ' '.join(str(e).split())
+  if len(text) > 400:  # storage errors put the path first and the reason last: keep both
+    text = f'{text[:200]} ... {text[-180:]}'
+  return f'{type(e).__name__}: {text}'.rstrip(': ')
+
+
+def is_damage(e: BaseException) -> bool:
+  """True for errors that mean damaged or incomplete files, not a config or transient fault."""
+  if isinstance(e, (ConfigError, MemoryError)):  # DataError, ResumeError: the config's fault
+    return False
+  if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+    return False  # permissions, network storage: moving the checkpoint away would not help
+  return True
+
+
+def tree_mismatch(shapes: dict[str, tuple[int, ...]], abstract_state: Any) -> list[str]:
+  """How a saved state's leaves differ from the state this config builds, one line each."""
+  want = {integrity.path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  out = [f'{p}: saved, not in this config' for p in sorted(set(shapes) - set(want))]
+  out += [f'{p}: in this config, not saved' for p in sorted(set(want) - set(shapes))]
+  out += [f'{p}: saved shape {shapes[p]}, this config {want[p]}'
+          for p in sorted(set(want) & set(shapes)) if shapes[p] != want[p]]
+  return out
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> str:
+  """Moves damaged step folders out of Orbax's way into WORKDIR/checkpoints_damaged."""
+  target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  if jax.process_index() == 0:
+    os.makedirs(target, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(target, str(step)), 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(target, f'{step}.{n}'), n + 1
+      shutil.move(str(step_dir(manager, step)), dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('gpas_jax:quarantine')
+  manager.reload()
+  return target
+
+
+def restore_latest_intact(
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any, workdir: str,
+    check: Callable[[int, dict[str, tuple[int, ...]], dict[str, Any] | None], None],
+) -> tuple[Any, int] | None:
+  """(state, step) of the newest intact checkpoint, None when there is no checkpoint.
+
+  `check(step, saved_shapes, data_state)` raises when this config cannot continue the run (that
+  propagates). Damaged or incomplete newer checkpoints are logged by step, path and cause and
+  moved to WORKDIR/checkpoints_damaged; when every checkpoint is damaged, CheckpointError.
+  """
+  damaged, result = [], None
+  for step in sorted(manager.all_steps(), reverse=True):
+    where = str(step_dir(manager, step))
+    try:
+      try:
+        shapes, data_state = saved_shapes(manager, step), read_data_state(manager, step)
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_damage(e):
+          raise
+        damaged.append((step, where, cause(e)))
+        continue
+      check(step, shapes, data_state)
+      state, _ = restore(manager, step, abstract_state, data_iterator)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
+      damaged.append((step, where, getattr(e, 'reason', None) or cause(e)))
+      continue
+    result = (state, step)
+    break
+  for step, where, why in damaged:
+    logging.error('Checkpoint step %d at %s is damaged or incomplete: %s', step, where, why)
+  if damaged and result is None:
+    raise CheckpointError(
+        f'every checkpoint in {manager.directory} is damaged or incomplete (steps '
+        f'{", ".join(str(d[0]) for d in damaged)}; the log names the cause of each). Nothing was '
+        'moved or deleted. Move them away to start afresh, or use a new --workdir.')
+  if damaged:
+    target = _quarantine(manager, [d[0] for d in damaged], workdir)
+    logging.warning('Resuming from step %d, the newest intact checkpoint; the damaged step(s) %s '
+                    'were moved to %s (nothing deleted).', result[1],
+                    ', '.join(str(d[0]) for d in damaged), target)
+  return result
+
+
+class Saver:
+  """Starts checkpoint saves; a failed one (asynchronous too) raises at the next step boundary."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._pending: int | None = None
+
+  def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
+    """Waits for the previous save (raising its error), then starts this one."""
+    self.wait()
+    try:
+      save(self.manager, step, state, data_iterator, meta)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(step, e) from e
+    self._pending = step
+
+  def poll(self) -> None:
+    """Cheap, at every step boundary: raises CheckpointSaveError if the last save failed."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the pending save is committed; raises CheckpointSaveError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(step, e) from e
+
+  def _error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+    latest = self.manager.latest_step()
+    return CheckpointSaveError(
+        f'saving checkpoint step {step} to {self.manager.directory} failed: {cause(e)}. The last '
+        f'complete checkpoint is {"step " + str(latest) if latest is not None else "none"}. Free '
+        'disk space or fix the storage, then rerun the same command to resume.')

@@ -1,0 +1,216 @@
+"""The sharded train state, the train and eval steps (jit with explicit shardings, donation)."""
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gpas_jax import config as config_lib
+from gpas_jax.model import transformer as model_lib
+from gpas_jax import sharding
+from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import optim
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything compiled and laid out for one config on one mesh."""
+  config: ml_collections.ConfigDict
+  model_config: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: Any
+  rest: Any
+  tx: optax.GradientTransformation
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: Any
+
+
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """A batch the data axes cannot split is rejected before compiling, with the numbers."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = config.optim.global_batch_size // config.optim.micro_batches
+  if micro % shards:
+    raise sharding.MeshError(
+        f'the micro-batch of {micro} sequences (optim.global_batch_size='
+        f'{config.optim.global_batch_size} / optim.micro_batches={config.optim.micro_batches}) '
+        f'does not split over mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = '
+        f'{shards} devices; make it a multiple of {shards}.')
+  if config.data.eval_batch_size % shards:
+    raise sharding.MeshError(f'data.eval_batch_size={config.data.eval_batch_size} does not split '
+                             f'over mesh data x fsdp = {shards} devices.')
+
+
+def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
+  """Validates the config, builds the mesh and the abstract, sharded train state."""
+  config_lib.validate(config)
+  mcfg = model_lib.ModelConfig.from_config(config_lib.model_section(config))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  check_batch_fits_mesh(config, mesh)
+  rules = sharding.rules_from_config(config)
+  tx = optim.make_optimizer(config)
+  create = lambda: model_lib.Transformer(mcfg, nnx.Rngs(params=config.seed))
+  with sharding.use_mesh(mesh, rules):
+    graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    param_shardings = sharding.state_shardings(abs_params, mesh).to_pure_dict()
+    batch_sharding = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abs_pure = abs_params.to_pure_dict()
+  abs_opt = jax.eval_shape(tx.init, abs_pure)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abs_opt, param_shardings, transform_non_params=lambda _: replicated)
+  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  abstract = ckpt.abstract_like({'step': jax.ShapeDtypeStruct((), jnp.int32),
+                                 'params': abs_pure, 'opt_state': abs_opt}, state_shardings)
+  rest = abs_rest
+  if jax.tree.leaves(abs_rest):  # fixed gates, LNS constants: computed, never trained
+    rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2])()
+  return Setup(config, mcfg, mesh, rules, graphdef, rest, tx, state_shardings, batch_sharding,
+               abstract)
+
+
+def init_state(s: Setup, params: Any = None) -> dict[str, Any]:
+  """Initialises the model and optimizer directly into their shardings.
+
+  params: initial parameters (global arrays laid out as the state's, e.g. from init_from) to
+  use instead of the seeded initialisation; the optimizer starts fresh either way.
+  """
+  cfg, seed = s.model_config, s.config.seed
+  if params is not None:
+    fresh = lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p, 'opt_state': s.tx.init(p)}
+    with sharding.use_mesh(s.mesh, s.rules):
+      return jax.jit(fresh, in_shardings=(s.state_shardings['params'],),
+                     out_shardings=s.state_shardings)(params)
+
+  def init():
+    params = nnx.split(model_lib.Transformer(cfg, nnx.Rngs(params=seed)), nnx.Param, ...)[1]
+    params = params.to_pure_dict()
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params)}
+
+  with sharding.use_mesh(s.mesh, s.rules):
+    return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+def _loss_fn(s: Setup, weighted: bool) -> Callable:
+  """(params, batch) -> (loss, counted targets); weighted: batch['weights'] sums the loss."""
+  packed = s.config.data.layout == 'packed'
+  pad_id = s.config.data.pad_id
+  loss_dtype = config_lib.effective(s.config, 'model.loss_dtype')
+
+  def loss_fn(params, batch):
+    model = nnx.merge(s.graphdef, params, s.rest)
+    seg = batch['segment_ids'] if packed else None  # the baseline's layout: plain causal
+    logits = model(batch['input_ids'], seg)
+    return model_lib.lm_loss(logits, batch['input_ids'], seg, pad_id,
+                             batch['weights'] if weighted else None, loss_dtype)
+
+  return loss_fn
+
+
+def make_train_step(s: Setup) -> Callable:
+  """The jitted step: accumulate, clip, update; explicit shardings and a donated state."""
+  c = s.config
+  loss_fn = _loss_fn(s, weighted=True)
+  schedule = optim.lr_schedule(c)
+  chunks = c.optim.get('loss_chunks', 1)
+  packed = c.data.layout == 'packed'
+  skip_bad = c.nan_policy == 'skip'
+  inject, inject_count = c.debug.inject_nan_step, c.debug.get('inject_nan_count', 1)
+
+  def step_fn(state, batch):
+    params = state['params']
+    # The objective (loss_chunks chunk means) as per-token weights of the global batch, so
+    # that the micro-batch split and the mesh leave it unchanged.
+    seg = batch['segment_ids'] if packed else None
+    batch = dict(batch, weights=model_lib.chunk_weights(batch['input_ids'], seg,
+                                                        c.data.pad_id, chunks))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    loss, grads, count = optim.accumulate_gradients(grad_fn, params, batch, c.optim.micro_batches,
+                                                    aux_reduce='sum', average=False)
+    if inject >= 0:  # a test hook: poison one step's loss and gradients
+      hit = (state['step'] >= inject) & (state['step'] < inject + inject_count)
+      poison = jnp.where(hit, jnp.nan, 1.0).astype(loss.dtype)
+      loss = loss * poison
+      grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
+    grad_norm = optim.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = s.tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    if skip_bad:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params, opt_state = keep(new_params, params), keep(opt_state, state['opt_state'])
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state['step']),
+               'finite': finite, 'tokens': count}
+    return {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}, metrics
+
+  return _jit_in_mesh(s, step_fn, (s.state_shardings, _batch_shardings(s)),
+                      (s.state_shardings, _replicated(s)), donate_argnums=(0,))
+
+
+def make_eval_step(s: Setup) -> Callable:
+  """The jitted eval step: (token-mean loss, counted targets) of one batch."""
+  return _jit_in_mesh(s, _loss_fn(s, weighted=False),
+                      (s.state_shardings['params'], _batch_shardings(s)), _replicated(s))
+
+
+def make_grad_step(s: Setup) -> Callable:
+  """The jitted gradient of one batch's loss (the per-layer analyses use it)."""
+  loss_fn = _loss_fn(s, weighted=False)
+  return _jit_in_mesh(s, jax.grad(lambda p, b: loss_fn(p, b)[0]),
+                      (s.state_shardings['params'], _batch_shardings(s)),
+                      s.state_shardings['params'])
+
+
+def _replicated(s: Setup) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+
+
+def _batch_shardings(s: Setup) -> dict[str, jax.sharding.NamedSharding]:
+  return {'input_ids': s.batch_sharding, 'segment_ids': s.batch_sharding}
+
+
+def _jit_in_mesh(s: Setup, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
+  """jax.jit with explicit shardings, called under the mesh and the logical rules."""
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
+
+  def run(*args):
+    with sharding.use_mesh(s.mesh, s.rules):
+      return jitted(*args)
+
+  run.jitted = jitted
+  return run
+
+
+def global_batch(s: Setup, local: dict[str, np.ndarray]) -> Batch:
+  """This host's rows -> global arrays laid out over the data axes."""
+  return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(local[k]))
+          for k in ('input_ids', 'segment_ids')}
+
+
+def evaluate(s: Setup, eval_step: Callable, params: Any, batches: Iterator) -> dict[str, float]:
+  """The mean of per-batch token means over the eval budget, and the value the paper reports.
+
+  eval_loss_baseline is the release's `sum of batch means / (batches + 1)` (biased low by one
+  batch in n + 1), over batches of data.eval_batch_size rows (the release: its per-GPU batch).
+  """
+  losses = []
+  for local in batches:
+    loss, count = eval_step(params, global_batch(s, local))
+    if float(count) > 0:
+      losses.append(float(loss))
+  if not losses:
+    raise ValueError('the eval split gave no batch with a counted target; check data.eval_*.')
+  eval_loss = float(np.mean(losses))
+  baseline = float(np.sum(losses)) / (len(losses) + 1)
+  return {'eval_loss': eval_loss, 'eval_ppl': math.exp(min(eval_loss, 700.0)),
+          'eval_loss_baseline': baseline, 'eval_ppl_baseline': math.exp(min(baseline, 700.0)),
+          'eval_batches': len(losses)}

@@ -1,0 +1,261 @@
+"""Runs a sweep (norm_type x size x seed), one run after another or N at once, or prints it.
+
+    python -m gpas_jax.train.sweep --sweep configs/sweeps/cpu_study.py --root runs/cpu_study
+    python -m gpas_jax.train.sweep --sweep configs/sweeps/deep_cpu_study.py --root runs/deep --parallel 2
+    python -m gpas_jax.train.sweep --sweep configs/sweeps/paper_table.py --root gs://b/runs --print_only
+
+A sweep config's `get_config()` returns a ConfigDict with:
+  base_config  the train config file of each size: a mapping size -> file, or one path where
+               '{size}' is replaced by the size name (e.g. 'configs/llama_{size}.py'); a file
+               may carry its get_config argument ('configs/deep_cpu.py:bfloat16')
+  norm_types, sizes, seeds   the product to run
+  overrides    extra `--config.<key>=<value>` flags for every run (nested dicts give dotted keys;
+               empty strings are left out, so a sweep can list the flags a user must fill in)
+  run_overrides  optional (size, norm_type, key, value) tuples: flags of single runs
+Each run's workdir is ROOT/<size>/<norm_type>/seed<k>; a re-run resumes from its checkpoint.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import ml_collections
+from ml_collections import config_flags
+
+import gpas_jax
+from gpas_jax.runtime import console
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+  """One run of a sweep: its settings, its train config file and its workdir."""
+  size: str
+  norm_type: str
+  seed: int
+  config_file: str
+  workdir: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+
+# The folder holding the gpas_jax and configs packages: the clone, or site-packages.
+
+
+def split_config_arg(spec: str) -> tuple[str, str]:
+  """('configs/deep_cpu.py', ':bfloat16') of a config spec; the argument part may be empty."""
+  path, sep, arg = spec.partition('.py:')
+  return (path + '.py', ':' + arg) if sep else (spec, '')
+
+
+def resolve(path: str) -> str:
+  """A relative path ('configs/tiny.py', 'train.py', 'configs/deep_cpu.py:bfloat16') as given
+  when it exists from here, else the one in the clone (or installed package) this module belongs
+  to, so tools run from anywhere. A config file's ':argument' is kept."""
+  path, arg = split_config_arg(path)
+  if os.path.isabs(path) or os.path.exists(path):
+    return path + arg
+  candidate = os.path.join(gpas_jax.ROOT, path)
+  return (candidate if os.path.exists(candidate) else path) + arg
+
+
+def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
+  """Calls get_config(*args) of a Python config file (found as resolve() finds it); a
+  'file.py:argument' spec passes its argument first."""
+  path, arg = split_config_arg(resolve(path))
+  args = ((arg[1:],) if arg else ()) + args
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist.')
+  if gpas_jax.ROOT not in sys.path:  # Config files import `configs.base`; it is there when uninstalled.
+    sys.path.insert(0, gpas_jax.ROOT)
+  spec = importlib.util.spec_from_file_location(
+      f'_sweep_cfg_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> list[tuple[str, Any]]:
+  out = []
+  for k, v in tree.items():
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out += _flatten(v, f'{prefix}{k}.')
+    else:
+      out.append((f'{prefix}{k}', v))
+  return out
+
+
+def config_file_for(sweep: ml_collections.ConfigDict, size: str) -> str:
+  """The train config file of one size of the sweep."""
+  base = sweep.base_config
+  if isinstance(base, str):
+    return base.format(size=size)
+  base = dict(base)
+  if size not in base:
+    raise KeyError(f'sweep.base_config has no file for size {size!r}; it has {sorted(base)}.')
+  return base[size]
+
+
+def plan(sweep: ml_collections.ConfigDict, root: str) -> list[SweepRun]:
+  """Every run of the sweep, seed-major within a size, so partial sweeps compare like with like."""
+  overrides = tuple((k, v) for k, v in _flatten(sweep.get('overrides') or {}) if v != '')
+  per_run: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+  for size, norm_type, key, value in sweep.get('run_overrides') or ():
+    per_run.setdefault((size, norm_type), []).append((key, value))
+  runs = []
+  for size in sweep.sizes:
+    for seed in sweep.seeds:
+      for norm_type in sweep.norm_types:
+        runs.append(SweepRun(size, norm_type, int(seed), config_file_for(sweep, size),
+                             os.path.join(root, size, norm_type, f'seed{seed}'),
+                             overrides + tuple(per_run.get((size, norm_type), ()))))
+  return runs
+
+
+def _flag_value(v: Any) -> str:
+  if isinstance(v, (list, tuple)):
+    return ','.join(str(x) for x in v)
+  return str(v)
+
+
+def command(run: SweepRun, python: str = 'python', train_script: str = 'train.py') -> list[str]:
+  """The train.py argv of one run."""
+  argv = [python, train_script, '--config', run.config_file, '--workdir', run.workdir,
+          f'--config.model.norm_type={run.norm_type}', f'--config.seed={run.seed}']
+  return argv + [f'--config.{k}={_flag_value(v)}' for k, v in run.overrides]
+
+
+def is_finished(workdir: str) -> bool:
+  """True when the trainer wrote summary.json (it does so once, at the end of a run)."""
+  return epath.Path(workdir, 'summary.json').exists()
+
+
+def core_groups(parallel: int, cores: Sequence[int] | None = None) -> list[list[int]]:
+  """The CPU cores of each of `parallel` concurrent runs: disjoint, as even as the cores allow."""
+  cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+  if not 1 <= parallel <= len(cores):
+    raise ValueError(f'--parallel={parallel}: this machine gives {len(cores)} cores; use '
+                     f'1..{len(cores)} concurrent runs.')
+  return [cores[k::parallel] for k in range(parallel)]
+
+
+def _child_env(cores: Sequence[int] | None) -> dict[str, str]:
+  env = dict(os.environ)
+  if cores is not None and len(cores) == 1:
+    # One core: XLA:CPU's Eigen pool would only add thread hand-offs.
+    flags_ = env.get('XLA_FLAGS', '')
+    env['XLA_FLAGS'] = (flags_ + ' --xla_cpu_multi_thread_eigen=false '
+                        'intra_op_parallelism_threads=1').strip()
+  return env
+
+
+def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
+              train_script: str = 'train.py', skip_finished: bool = False,
+              parallel: int = 1) -> list[SweepRun]:
+  """Runs the runs (failures do not stop the sweep); returns the runs that failed.
+
+  parallel=1 runs one after another with their output on this console. parallel=N>1 (CPU hosts)
+  runs N at once, each pinned to its own cores (core_groups) with its output in WORKDIR.log.
+  """
+  groups = core_groups(parallel) if parallel > 1 else [None]
+  todo = []
+  for k, run in enumerate(runs, 1):
+    if skip_finished and is_finished(run.workdir):
+      console.say(f'[{k}/{len(runs)}] {run.workdir}: finished, skipped.')
+    else:
+      todo.append((k, run))
+  failed, running = [], {}  # slot -> (k, run, process, log file)
+  while todo or running:
+    for slot in range(len(groups)):
+      if slot in running or not todo:
+        continue
+      k, run = todo.pop(0)
+      argv = command(run, python, train_script)
+      cores = groups[slot]
+      log = None
+      if cores is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
+        log = open(run.workdir.rstrip('/') + '.log', 'a', encoding='utf-8')
+      console.say(f'[{k}/{len(runs)}]' + (f' cores {cores}:' if cores else '') +
+                  f' {shlex.join(argv)}')
+      # The child inherits this thread's affinity (no preexec_fn: it forces a fork).
+      own = os.sched_getaffinity(0)
+      if cores:
+        os.sched_setaffinity(0, cores)
+      try:
+        proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            argv, env=_child_env(cores), stdout=log, stderr=subprocess.STDOUT if log else None)
+      finally:
+        os.sched_setaffinity(0, own)
+      running[slot] = (k, run, proc, log)
+    done = [s for s, (_, _, p, _) in running.items() if p.poll() is not None]
+    if not done:
+      time.sleep(0.5)
+    for slot in done:
+      k, run, proc, log = running.pop(slot)
+      if log is not None:
+        log.close()
+      if proc.returncode != 0:
+        logging.error('[%d/%d] %s exited with %d%s.', k, len(runs), run.workdir,
+                      proc.returncode, f' (output in {log.name})' if log else '')
+        failed.append(run)
+  return failed
+
+
+def define_flags() -> None:
+  """Defines this tool's flags (only when run as a program)."""
+  config_flags.DEFINE_config_file('sweep', None, 'The sweep config file (fields may be '
+                                  'overridden, e.g. --sweep.seeds="(0,)").')
+  flags.mark_flag_as_required('sweep')
+  flags.DEFINE_string('root', None, 'Folder under which the runs go.', required=True)
+  flags.DEFINE_bool('print_only', False, 'Print one command per line instead of running.')
+  flags.DEFINE_bool('skip_finished', False, 'Leave out runs that have a summary.json.')
+  flags.DEFINE_string('train_script', 'train.py', 'The training entry point; a relative path '
+                      "not found here is taken from this package's clone.")
+  flags.DEFINE_string('python', None, 'Interpreter; default this one (`python` when printing).')
+  flags.DEFINE_integer('parallel', 1, 'Runs at once on this host, each pinned to its share of '
+                       'the CPU cores (its output in WORKDIR.log); for CPU-only studies.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_logs()
+  f = flags.FLAGS
+  runs = plan(f.sweep, f.root)
+  try:
+    core_groups(f.parallel)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  for run in runs:
+    if not os.path.isfile(split_config_arg(resolve(run.config_file))[0]):
+      raise app.UsageError(f'{run.config_file} (size {run.size}) does not exist.')
+  if f.print_only:  # Paths as the sweep file gives them: a scheduler runs them from the clone.
+    for run in runs:
+      if not (f.skip_finished and is_finished(run.workdir)):
+        print(shlex.join(command(run, f.python or 'python', f.train_script)))
+    return
+  runs = [dataclasses.replace(r, config_file=resolve(r.config_file)) for r in runs]
+  train_script = resolve(f.train_script)
+  if not os.path.isfile(train_script):
+    raise app.UsageError(f'--train_script={f.train_script!r} does not exist (train.py is in the '
+                         'clone, not in an installed package): run from the clone, install it '
+                         'with `pip install -e .`, or pass the path of its train.py.')
+  failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished,
+                     f.parallel)
+  if failed:
+    logging.error('%d of %d runs failed: %s', len(failed), len(runs),
+                  ', '.join(r.workdir for r in failed))
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,206 @@
+"""One run per workdir: the lock, finished-run detection, resume checks, torn-line repair.
+
+Everything here runs before the run writes anything (config.json, metrics, checkpoints), so a
+refused start leaves the workdir as it was.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import ml_collections
+
+from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train.faults import ResumeError, WorkdirBusyError
+
+LOCK_FILE = 'lock'
+# The model fields that fix the shapes of the saved arrays.
+SHAPE_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+              'norm_type', 'post_num', 'gate_per_sublayer', 'scan_layers')
+# Data-state fields whose change gives another batch stream (host count has its own message).
+_STREAM_KEYS = {'padded': ('layout', 'dataset', 'seed', 'tokenizer'),
+                'packed': ('layout', 'dataset', 'seed', 'tokenizer', 'worker_count',
+                           'global_batch_size', 'max_length')}
+
+
+def _holder(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _is_process_0() -> bool:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index() == 0
+
+
+def _agree(ok: bool) -> bool:
+  """Multi-host: every process gets process 0's answer."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/lock for the run (process 0 of a multi-host run takes it for all).
+
+  An OS advisory lock (flock), so the kernel releases it when its process dies however it dies:
+  the next run takes over a killed run's lock file (logging the dead holder) with no race. A
+  second live run is refused with WorkdirBusyError naming the holder's pid and host.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd, error = None, ''
+  if _is_process_0():
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      h = _holder(path)
+      os.close(fd)
+      fd = None
+      error = (f'{os.path.abspath(workdir)} is in use by another run (pid {h.get("pid", "?")} on '
+               f'host {h.get("host", "?")}, started {h.get("started", "?")}). Wait for it to '
+               'end or stop it, or use another --workdir.')
+    except OSError as e:  # a file system without flock: run unlocked rather than not at all
+      logging.warning('Cannot lock %s (%s); two runs on this workdir would not be detected.',
+                      path, e)
+    if fd is not None:
+      old = _holder(path)
+      if old.get('pid') and old.get('pid') != os.getpid():
+        logging.warning('Took over the lock of a run that ended without releasing it (pid %s on '
+                        'host %s).', old.get('pid'), old.get('host'))
+      me = {'pid': os.getpid(), 'host': socket.gethostname(),
+            'started': datetime.datetime.now().isoformat(timespec='seconds')}
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(me).encode(), 0)
+      os.fsync(fd)
+  if not _agree(not error):
+    raise WorkdirBusyError(error or f'{os.path.abspath(workdir)} is in use by another run '
+                           '(process 0 says so).')
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.ftruncate(fd, 0)  # a released lock names no holder
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+
+
+def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
+  """summary.json of a run that already finished `total_steps`, else None.
+
+  A summary of more steps than this config trains is refused (ResumeError).
+  """
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    summary = json.load(f)
+  step = summary.get('step')
+  if not summary.get('finished') or not isinstance(step, int) or step < total_steps:
+    return None  # a longer run continues from the last checkpoint
+  if step > total_steps:
+    raise ResumeError(
+        f'{workdir} holds a run that finished {step} steps, more than the {total_steps} this '
+        'config trains (num_train_steps). Use its own num_train_steps, or a new --workdir.')
+  return summary
+
+
+def _saved_config(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any], prefix: str) -> list[str]:
+  """'optim.grad_clip: 0.0 -> 1.0' for every leaf that differs between two config dicts."""
+  out = []
+  for k in sorted(set(saved) | set(now)):
+    a, b = saved.get(k), now.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _changed(a, b, f'{prefix}{k}.')
+    elif a != b:
+      out.append(f'{prefix}{k}: {a!r} -> {b!r}')
+  return out
+
+
+def resume_check(config: ml_collections.ConfigDict, workdir: str, abstract_state: Any,
+                 data_meta: dict[str, Any] | None, total_steps: int
+                 ) -> Callable[[int, dict[str, tuple[int, ...]], dict[str, Any] | None], None]:
+  """The check checkpoint.restore_latest_intact runs on a checkpoint before restoring it.
+
+  It raises ResumeError, naming the differing fields and the way out, when the checkpoint
+  cannot continue under this config: more steps than num_train_steps, another model or
+  optimizer state tree, or another data stream (dataset, seed, layout, tokenizer, ...).
+  """
+  saved_cfg = _saved_config(workdir)
+  now_cfg = json.loads(config.to_json_best_effort())
+  way_out = ('Resume with the settings the run was started with (its config.json), or use a new '
+             '--workdir.')
+
+  def check(step: int, shapes: dict[str, tuple[int, ...]], data_state: dict | None) -> None:
+    head = f'cannot resume {os.path.abspath(workdir)} from its checkpoint at step {step}'
+    if step > total_steps:
+      raise ResumeError(f'{head}: it is beyond num_train_steps={config.num_train_steps} '
+                        f'({total_steps} updates). Raise num_train_steps to at least {step}, or '
+                        'use a new --workdir.')
+    bad = ckpt.tree_mismatch(shapes, abstract_state)
+    if bad:
+      changed = _changed(saved_cfg.get('optim', {}), now_cfg['optim'], 'optim.')
+      changed += [d for d in _changed(saved_cfg.get('model', {}), now_cfg['model'], 'model.')
+                  if d.split(':')[0][len('model.'):] in SHAPE_KEYS or 'dtype' in d]
+      raise ResumeError(
+          f'{head}: the saved model or optimizer state does not fit this config '
+          f'({"; ".join(bad[:3])}{"; ..." if len(bad) > 3 else ""}). Changed since the run '
+          f'started: {", ".join(changed) or "nothing in config.json"}. ' + way_out)
+    if data_state and data_meta:
+      saved_meta = data_state.get('meta', {})
+      keys = _STREAM_KEYS.get(data_meta.get('layout'), _STREAM_KEYS['padded'])
+      diff = [f'{k}: {saved_meta.get(k)!r} -> {data_meta.get(k)!r}' for k in keys
+              if k in saved_meta and k in data_meta and saved_meta[k] != data_meta[k]]
+      if diff:
+        hint = (' (a tokenizer of the same vocabulary size is another tokenizer: the saved model '
+                'reads tokens by its ids)' if any(d.startswith('tokenizer') for d in diff) else '')
+        data_fields = [d for d in _changed(saved_cfg.get('data', {}), now_cfg['data'], 'data.')
+                       ] if saved_cfg else []
+        raise ResumeError(
+            f'{head}: the data stream differs from the saved one ({", ".join(diff)}){hint}. '
+            f'Changed data settings: {", ".join(data_fields) or "none recorded"}. ' + way_out)
+
+  return check
+
+
+def repair_jsonl(path: str) -> None:
+  """Cuts a torn last line (a run killed mid-write) so the next record starts on its own line."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, 'rb+') as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b'\n':
+      return
+    f.seek(0)
+    data = f.read()
+    keep = data.rfind(b'\n') + 1
+    try:
+      json.loads(data[keep:])
+      f.write(b'\n')  # a whole record that only lacks its newline
+      return
+    except ValueError:
+      f.truncate(keep)
+  logging.warning('%s ended in a torn line (%d bytes, a run killed mid-write); removed it.', path,
+                  len(data) - keep)
+
