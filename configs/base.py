@@ -147,6 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.debug.inject_nan_count = 1  # ... and the steps after it, this many in all
   c.debug.sigterm_at_step = -1  # send this process SIGTERM after this step (preemption)
   c.debug.sigint_at_step = -1  # send this process SIGINT (Ctrl-C) after this step
+  c.debug.sigkill_at_step = -1  # SIGKILL this process once this step's checkpoint is saved
+  c.debug.sigstop_at_step = -1  # SIGSTOP it there (a test then breaks storage and resumes it)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # '' -> auto-detect (TPU, SLURM) or single process.

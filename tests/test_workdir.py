@@ -14,6 +14,7 @@ import pytest
 
 from gpas_jax.train import faults
 from gpas_jax.train import trainer
+from gpas_jax.train import lock as lock_lib
 from gpas_jax.train import workdir as workdir_lib
 from tests.helpers import tiny_train_config
 
@@ -25,7 +26,7 @@ def _snapshot(path):
   out = {}
   for d, _, files in os.walk(path):
     for f in files:
-      if f != workdir_lib.LOCK_FILE:
+      if f != lock_lib.LOCK_FILE:
         p = os.path.join(d, f)
         out[os.path.relpath(p, path)] = open(p, 'rb').read()
   return out

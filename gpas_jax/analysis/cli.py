@@ -6,7 +6,6 @@ curves. With a checkpoint (and `--importance`, the default): layer importance on
 """
 
 import itertools
-import json
 import os
 from typing import Any, Sequence
 
@@ -49,7 +48,7 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
   """Writes every figure the run's files allow into out_dir (default RUN/analysis); their paths."""
   run = runs_lib.load_run(workdir)
   out_dir = out_dir or os.path.join(workdir, 'analysis')
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   written = []
   title = run.label
   records = run.analysis()
@@ -79,9 +78,8 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
     except (ImportError, FileNotFoundError, ValueError) as e:
       logging.warning('No layer importance for %s: %s', workdir, e)
     else:
-      path = os.path.join(out_dir, 'importance.json')
-      with open(path, 'w', encoding='utf-8') as f:
-        json.dump(imp, f, indent=1)
+      path = storage.join(out_dir, 'importance.json')
+      storage.write_json(path, imp)
       written += [path, plots.layer_importance_plot(
           {title: imp['importance']}, os.path.join(out_dir, 'layer_importance.png'),
           title=f'{title}: layer importance')]

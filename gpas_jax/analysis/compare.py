@@ -55,7 +55,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
   labels = list(labels) if labels else _labels(runs)
   if not any(labels.count(l) > 1 for l in labels):  # one run per line: say which seed it is
     labels = [f'{l} (seed {r.seed})' for l, r in zip(labels, runs)]
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   groups = _grouped(labels, runs)
   written = [plots.loss_curves_plot(
       {l: [r.metrics() for r in rs] for l, rs in groups.items()},

@@ -6,8 +6,8 @@ decoder layers are 1..L; the residual stream after the embedding (index 0 of act
 Figures over several seeds draw the mean and a band of +-1 standard deviation.
 """
 
+import io
 import math
-import os
 import re
 import warnings
 from typing import Any, Mapping, Sequence
@@ -32,8 +32,9 @@ def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.2) -> tuple[Fi
 
 
 def _save(fig: Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format='png')
+  buf = io.BytesIO()  # matplotlib writes local files only: render, then store (local or gs://)
+  fig.savefig(buf, format='png')
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 

@@ -5,6 +5,7 @@ through etils.epath, so run roots may be local or gs:// (as the trainer's workdi
 """
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Iterator, Mapping

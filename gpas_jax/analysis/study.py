@@ -17,7 +17,6 @@ missing (`--importance_batches` eval batches each).
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import statistics
@@ -28,6 +27,7 @@ from absl import flags
 import numpy as np
 from scipy import stats as sp_stats
 
+from gpas_jax import storage
 from gpas_jax.analysis import cli
 from gpas_jax.analysis import compare
 from gpas_jax.analysis import plots
@@ -228,12 +228,10 @@ def ensure_importance(runs: Sequence[runs_lib.RunDir], batches: int) -> None:
   """Writes analysis/importance.json for each finished run that lacks it."""
   for run in runs:
     path = run.importance_path
-    if run.finished and not os.path.exists(path):
+    if run.finished and not storage.exists(path):
       with console.timed(f'layer importance of {run.path}'):
         imp = cli.run_importance(run.path, max_batches=batches)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, 'w', encoding='utf-8') as f:
-        json.dump(imp, f, indent=1)
+      storage.write_json(path, imp)
 
 
 def write_study(root: str, out_dir: str, importance_batches: int = 8) -> list[str]:
@@ -241,15 +239,14 @@ def write_study(root: str, out_dir: str, importance_batches: int = 8) -> list[st
   runs = sorted(runs_lib.find_runs(root), key=lambda r: r.path)
   if not runs:
     raise FileNotFoundError(f'no runs under {root}.')
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   md, csv_path, _ = table_lib.write_table(root, out_dir)
   deltas = paired_deltas(runs)
   written = [md, csv_path]
   for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas)),
                      ('dynamics.md', dynamics_markdown(dynamics_rows(runs)))):
-    with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
-      f.write(text)
-    written.append(os.path.join(out_dir, name))
+    storage.write_text(storage.join(out_dir, name), text)
+    written.append(storage.join(out_dir, name))
   if importance_batches:
     ensure_importance(runs, importance_batches)
   for size in sorted({r.size_name for r in runs}, key=table_lib.size_key):
@@ -281,7 +278,7 @@ def main(argv: Sequence[str]) -> None:
   console.quiet_logs()
   f = flags.FLAGS
   written = write_study(f.root, f.out, f.importance_batches)
-  print(open(os.path.join(f.out, 'deltas.md'), encoding='utf-8').read())
+  print(storage.read_text(storage.join(f.out, 'deltas.md')))
   print(f'Wrote {len(written)} files under {f.out}.')
 
 

@@ -12,16 +12,15 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import re
 import statistics
 from typing import Any, Iterable, Sequence
 
 from absl import app
 from absl import flags
-from etils import epath
 import ml_collections
 
+from gpas_jax import storage
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.runtime import console
 
@@ -197,11 +196,12 @@ def write_table(root: str, out_dir: str | None = None,
                 sweep: ml_collections.ConfigDict | None = None) -> tuple[str, str, Table]:
   """Collects the runs under root and writes table.md and table.csv; returns (md, csv, table)."""
   table = build_table(runs_lib.find_runs(root), expected_runs(sweep))
-  out = epath.Path(out_dir or root)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'table.md').write_text(to_markdown(table), encoding='utf-8')
-  (out / 'table.csv').write_text(to_csv(table), encoding='utf-8')
-  return os.fspath(out / 'table.md'), os.fspath(out / 'table.csv'), table
+  out = out_dir or root
+  storage.makedirs(out)
+  md, csv_path = storage.join(out, 'table.md'), storage.join(out, 'table.csv')
+  storage.write_text(md, to_markdown(table))
+  storage.write_text(csv_path, to_csv(table))
+  return md, csv_path, table
 
 
 def define_flags() -> None:

@@ -12,7 +12,6 @@ per-batch token means; perplexity = exp) - the baseline's own script divides by 
 import itertools
 import json
 import math
-import os
 from typing import Any, Iterable, Sequence
 
 from absl import app
@@ -22,6 +21,7 @@ import ml_collections
 
 from gpas_jax.model import interop
 from gpas_jax.model import transformer as model_lib
+from gpas_jax import storage
 from gpas_jax.runtime import console
 
 # The model dims a baseline config.json fixes; the eval config must agree with them.
@@ -47,10 +47,9 @@ def export_run(workdir: str, out_dir: str, step: int | None = None) -> str:
   config, model = loading.load_model(workdir, step=step)
   interop.save_hf_directory(model, out_dir)
   # Provenance next to the weights; HF loaders ignore unknown files.
-  with open(os.path.join(out_dir, 'gpas_jax_export.json'), 'w', encoding='utf-8') as f:
-    json.dump({'workdir': os.path.abspath(workdir), 'step': step,
-               'size_name': config.get('size_name'), 'seed': config.get('seed'),
-               'norm_type': model.config.norm_type}, f, indent=1)
+  storage.write_json(storage.join(out_dir, 'gpas_jax_export.json'), {
+      'workdir': storage.absolute(workdir), 'step': step, 'size_name': config.get('size_name'),
+      'seed': config.get('seed'), 'norm_type': model.config.norm_type})
   return out_dir
 
 

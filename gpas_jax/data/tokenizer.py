@@ -28,6 +28,7 @@ from absl import logging
 import ml_collections
 import sentencepiece as spm
 
+from gpas_jax import storage
 from gpas_jax.data import corpus
 from gpas_jax.data.errors import DataError
 from gpas_jax.data import sources
@@ -42,15 +43,13 @@ MIN_VOCAB_SIZE = 300
 
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-  """Loads a SentencePiece .model file, or raises naming the path."""
-  p = pathlib.Path(path).expanduser()
-  if not p.is_file():
+  """Loads a SentencePiece .model file (local or gs://, read as bytes), or raises naming it."""
+  if not storage.is_file(path):
     raise DataError(f'data.tokenizer={path!r} does not exist; give the path of a SentencePiece '
                     ".model file (e.g. T5's spiece.model), or '' to train the default one.")
-  sp = spm.SentencePieceProcessor()
   try:
-    sp.Load(str(p))
-  except (OSError, RuntimeError) as e:
+    sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
+  except (OSError, RuntimeError, TypeError) as e:
     raise DataError(f'data.tokenizer={path!r} is not a SentencePiece model ({e}).') from None
   return sp
 
@@ -97,11 +96,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: str | os.Path
         minloglevel=2)
   except RuntimeError as e:
     raise DataError(f'SentencePiece training failed: {e}') from None
-  out = pathlib.Path(output).expanduser()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + f'.tmp{os.getpid()}')
-  tmp.write_bytes(model.getvalue())
-  os.replace(tmp, out)
+  out = storage.absolute(output)
+  storage.write_bytes(out, model.getvalue())  # whole or not at all, local or gs://
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
   if sp.vocab_size() < vocab_size:
     logging.warning('The corpus supports only %d pieces; trained %s with that many instead of %d.',

@@ -14,7 +14,7 @@ Segment ids: 'padded' 1 on tokens, 0 on pad_id; 'packed' a new id after every eo
 """
 
 from collections.abc import Iterator
-import os
+import io
 from typing import Any
 
 from absl import logging
@@ -22,65 +22,125 @@ import grain
 import ml_collections
 import numpy as np
 
+from gpas_jax import storage
 from gpas_jax.data.errors import DataError
 
 _CHECK_ROWS = 1 << 16  # rows per block when scanning a file for out-of-range ids
 _CHECKED: set[tuple] = set()
 
 
-def load_rows(path: str, config: ml_collections.ConfigDict, field: str) -> np.ndarray:
-  """Memory-maps a token file as [rows, max_length] and checks it; raises DataError naming it."""
+class Rows:
+  """A token file as [rows, max_length], read by ranged reads (local or gs://, the same code).
+
+  Only the rows asked for are read: each host of a pod reads its own part of each batch.
+  """
+
+  def __init__(self, path: str, offset: int, dtype: np.dtype, shape: tuple[int, int]):
+    self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), shape
+    self._row_bytes = shape[1] * self.dtype.itemsize
+    self.check = None  # set for a bucket's file: the ids of each block read are checked
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    """Every row (np.asarray of the whole file: a small file's tests and tools)."""
+    rows = self[:]
+    return rows if dtype is None else rows.astype(dtype)
+
+  def __getitem__(self, rows: slice | int) -> np.ndarray:
+    if isinstance(rows, (int, np.integer)):
+      i = int(rows) + (self.shape[0] if rows < 0 else 0)
+      return self[i:i + 1][0]
+    start, stop, step = rows.indices(self.shape[0])
+    if step != 1:
+      raise IndexError('token rows are read as contiguous slices')
+    n = max(0, stop - start)
+    data = storage.read_range(self.path, self.offset + start * self._row_bytes,
+                              n * self._row_bytes)
+    block = np.frombuffer(data, self.dtype).reshape(n, self.shape[1])
+    if self.check is not None and n:
+      self.check(block, start)
+    return block
+
+
+def _npy_header(path: str, field: str) -> tuple[int, np.dtype, tuple[int, ...], bool]:
+  """(data offset, dtype, shape, fortran order) of a .npy file, from its first bytes."""
+  head = storage.read_range(path, 0, 1 << 16)
+  f = io.BytesIO(head)
+  try:
+    major, _ = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if major == 1 else
+            np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read(f)
+  except ValueError as e:
+    raise DataError(f'{field}={path!r} is not a plain .npy array ({e}).') from e
+  if dtype.hasobject:
+    raise DataError(f'{field}={path!r} is not a plain .npy array (it holds Python objects).')
+  return f.tell(), dtype, shape, fortran
+
+
+def load_rows(path: str, config: ml_collections.ConfigDict, field: str) -> Rows:
+  """Opens a token file as [rows, max_length] and checks it; raises DataError naming it."""
   d = config.data
   length, vocab = d.max_length, config.model.vocab_size
   if not path:
     raise DataError(f"{field} is empty; data.source='tokens' needs a .npy [rows, max_length] "
                     'array or a flat .bin token stream.')
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise DataError(f'{field}={path!r} does not exist.')
   if path.endswith('.npy'):
-    try:
-      rows = np.load(path, mmap_mode='r', allow_pickle=False)
-    except ValueError as e:
-      raise DataError(f'{field}={path!r} is not a plain .npy array ({e}).') from e
-    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
-      raise DataError(f'{field}={path!r} holds a {rows.dtype} array of shape {rows.shape}; it '
+    offset, dtype, shape, fortran = _npy_header(path, field)
+    if len(shape) != 2 or not np.issubdtype(dtype, np.integer):
+      raise DataError(f'{field}={path!r} holds a {dtype} array of shape {shape}; it '
                       'must be an integer array [rows, max_length].')
-    if rows.shape[1] != length:
-      raise DataError(f'{field}={path!r} has rows of {rows.shape[1]} tokens but data.max_length='
-                      f'{length}; set --config.data.max_length={rows.shape[1]}.')
+    if fortran and shape[0] > 1 and shape[1] > 1:
+      raise DataError(f'{field}={path!r} is stored column-major (Fortran order); save it with '
+                      'np.save(path, np.ascontiguousarray(rows)).')
+    if shape[1] != length:
+      raise DataError(f'{field}={path!r} has rows of {shape[1]} tokens but data.max_length='
+                      f'{length}; set --config.data.max_length={shape[1]}.')
+    rows = Rows(path, offset, dtype, (shape[0], shape[1]))
   elif path.endswith('.bin'):
     if d.layout != 'packed':
       raise DataError(f"{field}={path!r} is a flat token stream: it needs data.layout='packed' "
                       f"(data.layout={d.layout!r}); padded rows come as a .npy [rows, max_length].")
     dtype = np.dtype(d.tokens_dtype)
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if size % dtype.itemsize:
       raise DataError(f'{field}={path!r} has {size} bytes, not a whole number of {dtype} tokens; '
                       'check data.tokens_dtype.')
-    flat = np.memmap(path, dtype=dtype, mode='r')
-    n = len(flat) // length
-    rows = flat[:n * length].reshape(n, length)
+    rows = Rows(path, 0, dtype, (size // dtype.itemsize // length, length))
   else:
     raise DataError(f'{field}={path!r}: the token file must end in .npy or .bin.')
   if len(rows) == 0:
     raise DataError(f'{field}={path!r} holds no full row of {length} tokens.')
-  key = (os.path.abspath(path), os.path.getmtime(path), rows.shape, vocab)
+  stat = storage.path(path).stat()
+  key = (storage.absolute(path), stat.length, stat.mtime, rows.shape, vocab)
   if key not in _CHECKED:  # validation and the pipeline both open the file: scan it once
-    _check_ids(rows, vocab, field, path)
+    # In a bucket each host reads only its rows: the first block is checked now, every batch
+    # as it is read (Rows.check); a local file is scanned whole.
+    _check_ids(rows, vocab, field, path, whole=not storage.is_url(path))
     _CHECKED.add(key)
+  if storage.is_url(path):
+    rows.check = lambda block, start: _check_block(block, start, vocab, field, path)
   return rows
 
 
-def _check_ids(rows: np.ndarray, vocab: int, field: str, path: str) -> None:
+def _check_block(block: np.ndarray, start: int, vocab: int, field: str, path: str) -> None:
+  """Raises DataError if rows start.. hold an id outside the model's vocabulary."""
+  lo, hi = int(block.min()), int(block.max())
+  if lo < 0 or hi >= vocab:
+    bad = start + int(np.argmax(((block < 0) | (block >= vocab)).any(axis=1)))
+    raise DataError(f'{field}={path!r} row {bad} holds token id {hi if hi >= vocab else lo}, '
+                    f'outside 0..model.vocab_size-1={vocab - 1}; the file was tokenized for '
+                    'another vocabulary.')
+
+
+def _check_ids(rows: Rows, vocab: int, field: str, path: str, whole: bool = True) -> None:
   """Raises DataError at the first block holding an id outside the model's vocabulary."""
-  for start in range(0, len(rows), _CHECK_ROWS):
-    block = np.asarray(rows[start:start + _CHECK_ROWS])
-    lo, hi = int(block.min()), int(block.max())
-    if lo < 0 or hi >= vocab:
-      bad = start + int(np.argmax(((block < 0) | (block >= vocab)).any(axis=1)))
-      raise DataError(f'{field}={path!r} row {bad} holds token id {hi if hi >= vocab else lo}, '
-                      f'outside 0..model.vocab_size-1={vocab - 1}; the file was tokenized for '
-                      'another vocabulary.')
+  for start in range(0, len(rows) if whole else 1, _CHECK_ROWS):
+    _check_block(np.asarray(rows[start:start + _CHECK_ROWS]), start, vocab, field, path)
 
 
 def row_batch(ids_BxT: np.ndarray, layout: str, pad_id: int, eos_id: int) -> dict[str, np.ndarray]:
@@ -98,7 +158,7 @@ def row_batch(ids_BxT: np.ndarray, layout: str, pad_id: int, eos_id: int) -> dic
 class _HostBatches:
   """Random access to this host's part of global batch u (grain reads it by index)."""
 
-  def __init__(self, rows: np.ndarray, config: ml_collections.ConfigDict, host: int, hosts: int):
+  def __init__(self, rows: Rows, config: ml_collections.ConfigDict, host: int, hosts: int):
     d = config.data
     self._rows, self._b = rows, config.optim.global_batch_size
     self._lo, self._hi = host * self._b // hosts, (host + 1) * self._b // hosts
@@ -114,9 +174,9 @@ class _HostBatches:
                      self._eos)
 
 
-def description(path: str, rows: np.ndarray, layout: str) -> str:
+def description(path: str, rows: Rows, layout: str) -> str:
   """What a checkpoint's data state records of the file (a resume must read the same rows)."""
-  return f'tokens:{os.path.abspath(path)}:{rows.shape[0]}x{rows.shape[1]}:{layout}'
+  return f'tokens:{storage.absolute(path)}:{rows.shape[0]}x{rows.shape[1]}:{layout}'
 
 
 def train_iterator(config: ml_collections.ConfigDict, host: int, hosts: int

@@ -1,7 +1,7 @@
 """PyTorch / HF state dicts and directories, with the baseline's parameter names, both ways."""
 
 import dataclasses
-import json
+import io
 import os
 from typing import Any, Mapping
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpas_jax import storage
 from gpas_jax.model import transformer as model_lib
 
 # Our layout <-> torch's Linear [out, in]; D hidden, H heads, K head dim, F ffn.
@@ -152,13 +153,14 @@ def to_numpy(v: Any) -> np.ndarray:
 
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` file or a torch `.bin`/`.pt` (weights_only) into numpy arrays."""
-  if not os.path.exists(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f'state dict file {path!r} does not exist.')
+  data = storage.read_bytes(path)  # local or gs://: the bytes, then the format's own parser
   if path.endswith('.safetensors'):
-    from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
-    return {k: to_numpy(v) for k, v in load_file(path).items()}
+    from safetensors.torch import load  # pylint: disable=import-outside-toplevel
+    return {k: to_numpy(v) for k, v in load(data).items()}
   import torch  # pylint: disable=import-outside-toplevel
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  sd = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
   return {k: to_numpy(v) for k, v in sd.items()}
 
 
@@ -301,17 +303,17 @@ def hf_config_from_model(cfg: model_lib.ModelConfig) -> dict[str, Any]:
 
 def save_safetensors(model: model_lib.Transformer, path: str) -> None:
   """Writes the model as a `.safetensors` file the baseline loads with strict=True."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
   # transformers' from_pretrained reads the metadata and refuses a file without format 'pt'.
-  save_file(to_torch_state_dict(model, buffers=True), path, metadata={'format': 'pt'})
+  storage.write_bytes(path, save(to_torch_state_dict(model, buffers=True),
+                                 metadata={'format': 'pt'}))
 
 
 def save_hf_directory(model: model_lib.Transformer, directory: str) -> None:
   """Writes `config.json` and `model.safetensors`, as HF `save_pretrained` lays them out."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(hf_config_from_model(model.config), f, indent=2)
-  save_safetensors(model, os.path.join(directory, 'model.safetensors'))
+  storage.makedirs(directory)
+  storage.write_json(storage.join(directory, 'config.json'), hf_config_from_model(model.config))
+  save_safetensors(model, storage.join(directory, 'model.safetensors'))
 
 
 def load_hf_directory(directory: str, norm_type: str | None = None,
@@ -320,14 +322,15 @@ def load_hf_directory(directory: str, norm_type: str | None = None,
 
   Our exports need nothing else; a baseline directory needs its norm_type (and Mix-LN post_num).
   """
-  with open(os.path.join(directory, 'config.json'), encoding='utf-8') as f:
-    hf = json.load(f)
+  hf = storage.read_json(storage.join(directory, 'config.json'))
+  if hf is None:
+    raise FileNotFoundError(f'{directory} has no config.json: not a save_pretrained directory.')
   if not (norm_type or hf.get('norm_type')):
     raise ValueError(f'{directory}/config.json names no norm_type; pass it (e.g. --norm_type '
                      'pre_gpas), as the baseline takes it on its command line.')
   cfg = model_config_from_hf(hf, norm_type, post_num, **overrides)
   for fname in ('model.safetensors', 'pytorch_model.bin'):
-    path = os.path.join(directory, fname)
-    if os.path.exists(path):
+    path = storage.join(directory, fname)
+    if storage.is_file(path):
       return from_torch_state_dict(path, cfg)
   raise FileNotFoundError(f'{directory} has neither model.safetensors nor pytorch_model.bin.')

@@ -16,8 +16,12 @@ import gzip
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Callable
+
+from gpas_jax import storage
 
 _INSTR = re.compile(r'^\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$', re.M)
 _COMPUTATION = re.compile(r'^%(\S+) \(.*?\{\n(.*?)\n\}', re.M | re.S)
@@ -248,12 +252,16 @@ class TraceWindow:
   def __init__(self, start: int, count: int, trace_dir: str):
     self.start, self.count, self.trace_dir = start, count, trace_dir
     self.active = False
+    self._local = None  # the profiler writes local files; a bucket gets a copy at close()
 
   def before(self, step_number: int) -> None:
     """Called before running step `step_number`: starts the trace at the first one."""
     if self.start and step_number == self.start and not self.active:
       import jax  # pylint: disable=import-outside-toplevel
-      jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True)
+      target = self.trace_dir
+      if storage.is_url(target):
+        self._local = target = tempfile.mkdtemp(prefix='gpas_jax_trace_')
+      jax.profiler.start_trace(target, create_perfetto_trace=True)
       self.active = True
 
   def due(self, step_number: int) -> bool:
@@ -266,3 +274,7 @@ class TraceWindow:
       import jax  # pylint: disable=import-outside-toplevel
       jax.profiler.stop_trace()
       self.active = False
+      if self._local:
+        storage.copy_tree(self._local, self.trace_dir)
+        shutil.rmtree(self._local, ignore_errors=True)
+        self._local = None

@@ -6,9 +6,10 @@ path, cause) and moved to WORKDIR/checkpoints_damaged, never deleted. A failed a
 is raised at the next step boundary (Saver.poll) as CheckpointSaveError.
 """
 
+import errno
 import json
 import os
-import shutil
+import re
 from typing import Any, Callable
 
 from absl import logging
@@ -18,6 +19,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gpas_jax import storage
 from gpas_jax.config import ConfigError
 from gpas_jax.train.faults import CheckpointError, CheckpointSaveError
 from gpas_jax.train import integrity
@@ -50,11 +52,25 @@ class _DataState:
 
 def checkpoint_dir(workdir: str) -> str:
   """Where a run's checkpoints live."""
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return storage.join(storage.absolute(workdir), 'checkpoints')  # a URL stays a URL for Orbax
+
+
+# tensorstore retries a failing GCS request up to 32 times by default (minutes with the server
+# gone); bounded as gcsfs bounds its own (6 tries, waits doubling from 1 s to 16 s: ~31 s).
+GCS_RETRIES = {'max_retries': 6, 'initial_delay': '1s', 'max_delay': '16s'}
+
+
+def _bound_gcs_retries() -> None:
+  """Adds GCS_RETRIES to the tensorstore context that Orbax builds for every save and restore."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils  # pylint: disable=import-outside-toplevel
+  for context in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
+    context.setdefault('gcs_request_retries', dict(GCS_RETRIES))
 
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """A manager that keeps the last `checkpoint_keep` steps and saves asynchronously."""
+  if storage.is_url(workdir):
+    _bound_gcs_retries()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint_keep, create=True,
       enable_async_checkpointing=config.checkpoint_async)
@@ -158,13 +174,27 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 
 def cause(e: BaseException) -> str:
-  """The root cause of an error, as 'Type: first line of its message'."""
+  """The root cause of an error in words, as 'Type: reason (first part of its message)'.
+
+  Storage errors carry the reason as a code (tensorstore's os_error_code='27', an errno, an
+  HTTP status) after a long path: the reason comes first here, so a cut message keeps it.
+  """
   while (e.__cause__ or e.__context__) is not None:
     e = e.__cause__ or e.__context__
   text = ' '.join(str(e).split())
-  if len(text) > 400:  # storage errors put the path first and the reason last: keep both
-    text = f'{text[:200]} ... {text[-180:]}'
-  return f'{type(e).__name__}: {text}'.rstrip(': ')
+  words = []
+  code = re.search(r"os_error_code='?(\d+)", text)
+  number = int(code.group(1)) if code else getattr(e, 'errno', None)
+  if isinstance(number, int) and number > 0:
+    words.append(f'{os.strerror(number)} (errno {errno.errorcode.get(number, number)})')
+  if isinstance(e, ConnectionError) or re.search(
+      r'Connection refused|Cannot connect|Connect call failed|[Ff]ailed to connect|'
+      r'Couldn\'t connect|CURL error', text):
+    words.append('the storage server cannot be reached')
+  if len(text) > 300:  # storage errors put the path first and the details last: keep both ends
+    text = f'{text[:160]} ... {text[-120:]}'
+  reason = '; '.join(words)
+  return f'{type(e).__name__}: ' + (f'{reason} ({text})' if reason else text)
 
 
 def is_damage(e: BaseException) -> bool:
@@ -189,14 +219,13 @@ def tree_mismatch(shapes: dict[str, tuple[int, ...]], abstract_state: Any) -> li
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> str:
   """Moves damaged step folders out of Orbax's way into WORKDIR/checkpoints_damaged."""
-  target = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  target = storage.join(storage.absolute(workdir), DAMAGED_DIR)
   if jax.process_index() == 0:
-    os.makedirs(target, exist_ok=True)
     for step in steps:
-      dest, n = os.path.join(target, str(step)), 1
-      while os.path.exists(dest):
-        dest, n = os.path.join(target, f'{step}.{n}'), n + 1
-      shutil.move(str(step_dir(manager, step)), dest)
+      dest, n = storage.join(target, str(step)), 1
+      while storage.exists(dest):
+        dest, n = storage.join(target, f'{step}.{n}'), n + 1
+      storage.move_tree(step_dir(manager, step), dest)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('gpas_jax:quarantine')

@@ -40,6 +40,10 @@ class WorkdirBusyError(RunError):
   """Another live process holds the workdir's lock; names its pid and host."""
 
 
+class StorageError(RunError):
+  """A workdir or bucket that cannot be reached or written; refused before compiling."""
+
+
 class CheckpointError(RunError):
   """No intact checkpoint to restore (every one damaged), or a requested one is damaged."""
 

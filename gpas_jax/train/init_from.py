@@ -7,14 +7,13 @@ Only the parameters come from it: the optimizer starts fresh, at update 0. The t
 only while the workdir holds no checkpoint of its own (a resumed run continues its own state).
 """
 
-import json
-import os
 from typing import Any
 
 from flax import nnx
 import jax
 import numpy as np
 
+from gpas_jax import storage
 from gpas_jax.model import interop
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
@@ -30,12 +29,12 @@ class InitFromError(ValueError):
 
 def weights_file(path: str) -> str:
   """The state-dict file init_from names (the file itself, or the one inside a directory)."""
-  if os.path.isdir(path):
+  if storage.is_dir(path):
     for name in _WEIGHT_FILES:
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
+      if storage.is_file(storage.join(path, name)):
+        return storage.join(path, name)
     raise InitFromError(f'init_from={path!r} is a directory without {" or ".join(_WEIGHT_FILES)}.')
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise InitFromError(f'init_from={path!r} does not exist; give a .bin, .safetensors or a '
                         'save_pretrained directory.')
   if not path.endswith(('.bin', '.pt', '.pth', '.safetensors')):
@@ -45,11 +44,9 @@ def weights_file(path: str) -> str:
 
 
 def _check_hf_config(directory: str, model_config: Any) -> None:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
+  hf = storage.read_json(storage.join(directory, 'config.json'))
+  if hf is None:
     return
-  with open(path, encoding='utf-8') as f:
-    hf = json.load(f)
   diff = [f'{ours}: checkpoint {hf[key]!r}, config {getattr(model_config, ours)!r}'
           for key, ours in _HF_FIELDS.items()
           if key in hf and hf[key] != getattr(model_config, ours)]
@@ -63,7 +60,7 @@ def load_params(path: str, model_config: Any) -> dict[str, Any]:
 
   Raises InitFromError naming every missing, unexpected or mis-shaped tensor (both shapes).
   """
-  if os.path.isdir(path):
+  if storage.is_dir(path):
     _check_hf_config(path, model_config)
   state_dict = interop.load_state_dict_file(weights_file(path))
   try:

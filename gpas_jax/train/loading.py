@@ -1,7 +1,5 @@
 """Loading a run's trained model for analysis and export (checkpoint -> steps -> here, one way)."""
 
-import json
-import os
 from typing import Any
 
 from absl import logging
@@ -10,17 +8,18 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train.faults import CheckpointError
 from gpas_jax.train import steps
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'config.json')
+  saved = storage.read_json(path)
+  if saved is None:
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a run directory.')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(saved)
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:

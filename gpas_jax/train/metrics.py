@@ -6,9 +6,7 @@ lookup are not counted; the untied lm_head is).
 """
 
 import importlib.util
-import json
 import math
-import os
 import sys
 from typing import Any, Mapping, Optional
 
@@ -16,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from gpas_jax import storage
 
 # Dense (no sparsity) peak FLOP/s per chip, from the vendors' data sheets. 'tfloat32' is what
 # XLA uses for float32 matmuls on NVIDIA by default; 'float32' is the non-tensor-core rate.
@@ -164,19 +164,12 @@ def _to_python(value: Any) -> Any:
   return float(item)
 
 
-def _json_value(value: Any) -> Any:
-  """Writes non-finite floats as the strings 'nan', 'inf', '-inf' (strict JSON has no NaN)."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  return value
-
-
 class MetricWriter:
   """Writes scalar metrics to stdout, workdir/metrics.jsonl, TensorBoard and W&B.
 
-  Only process 0 writes; on other processes every method is a no-op. metrics.jsonl is opened in
-  append mode, so a resumed run continues it (a resume from an earlier checkpoint repeats some
-  steps: readers keep the last record of a step). Each line is one JSON object with 'step' and
+  Only process 0 writes; on other processes every method is a no-op. metrics.jsonl is a
+  storage.JsonlLog (local or gs://): a resumed run continues it from `resume_step`, the records
+  of later steps (trained again) dropped, so no step repeats. Each line is one JSON object with 'step' and
   the scalars as Python numbers; non-finite floats are the strings 'nan', 'inf', '-inf'
   (`float()` reads them back). TensorBoard events go to workdir/tensorboard.
   """
@@ -194,6 +187,7 @@ class MetricWriter:
       wandb_config: Optional[Mapping[str, Any]] = None,
       total_steps: Optional[int] = None,
       stream: Any = None,
+      resume_step: Optional[int] = None,
   ):
     """Opens the enabled sinks; raises ImportError if W&B is asked for but not installed."""
     if wandb and importlib.util.find_spec('wandb') is None:
@@ -210,13 +204,11 @@ class MetricWriter:
     self._wandb = None
     if not self.active:
       return
-    if jsonl or tensorboard:
-      os.makedirs(workdir, exist_ok=True)
     if jsonl:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self._jsonl = storage.JsonlLog(storage.join(workdir, 'metrics.jsonl'), resume_step)
     if tensorboard:
       import tensorboardX  # pylint: disable=import-outside-toplevel
-      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(logdir=storage.join(workdir, 'tensorboard'))
     if wandb:
       import wandb as wandb_lib  # pylint: disable=import-outside-toplevel
       self._wandb = wandb_lib.init(project=wandb_project, dir=workdir,
@@ -260,9 +252,7 @@ class MetricWriter:
     if self._stdout:
       print(self.format_line(step, values), file=self._stream or sys.stdout, flush=True)
     if self._jsonl is not None:
-      record = {'step': step, **{k: _json_value(v) for k, v in values.items()}}
-      self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
-      self._jsonl.flush()  # a crash or preemption keeps every line written so far
+      self._jsonl.write({'step': step, **{k: storage.encode(v) for k, v in values.items()}})
     numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
     if self._tb is not None:
       for k, v in numeric.items():
@@ -271,7 +261,7 @@ class MetricWriter:
       self._wandb.log(numeric, step=step)
 
   def flush(self) -> None:
-    """Flushes the file and TensorBoard sinks."""
+    """Flushes the file and TensorBoard sinks (in a bucket: rewrites metrics.jsonl)."""
     if self._jsonl is not None:
       self._jsonl.flush()
     if self._tb is not None:

@@ -21,17 +21,18 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
 import gpas_jax
+from gpas_jax import storage
 from gpas_jax.runtime import console
 
 
@@ -134,7 +135,7 @@ def command(run: SweepRun, python: str = 'python', train_script: str = 'train.py
 
 def is_finished(workdir: str) -> bool:
   """True when the trainer wrote summary.json (it does so once, at the end of a run)."""
-  return epath.Path(workdir, 'summary.json').exists()
+  return storage.exists(storage.join(workdir, 'summary.json'))
 
 
 def core_groups(parallel: int, cores: Sequence[int] | None = None) -> list[list[int]]:
@@ -154,6 +155,28 @@ def _child_env(cores: Sequence[int] | None) -> dict[str, str]:
     env['XLA_FLAGS'] = (flags_ + ' --xla_cpu_multi_thread_eigen=false '
                         'intra_op_parallelism_threads=1').strip()
   return env
+
+
+def _log_path(workdir: str) -> str:
+  return workdir.rstrip('/') + '.log'
+
+
+def _open_log(workdir: str) -> Any:
+  """The file a parallel run's output goes to: WORKDIR.log, or a local file for a bucket's."""
+  if storage.is_url(workdir):  # a child's stdout needs a local file; stored at the end
+    return tempfile.NamedTemporaryFile('w+', prefix='gpas_jax_sweep_', suffix='.log')
+  storage.makedirs(os.path.dirname(storage.absolute(workdir)))
+  return open(_log_path(workdir), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+
+def _close_log(log: Any, workdir: str) -> None:
+  """Closes a run's log; a bucket's WORKDIR.log gets this output after what it held."""
+  if storage.is_url(workdir):
+    log.seek(0)
+    target = _log_path(workdir)
+    storage.write_text(target, (storage.read_text(target) if storage.exists(target) else '')
+                       + log.read())
+  log.close()
 
 
 def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
@@ -179,10 +202,7 @@ def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
       k, run = todo.pop(0)
       argv = command(run, python, train_script)
       cores = groups[slot]
-      log = None
-      if cores is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
-        log = open(run.workdir.rstrip('/') + '.log', 'a', encoding='utf-8')
+      log = _open_log(run.workdir) if cores is not None else None
       console.say(f'[{k}/{len(runs)}]' + (f' cores {cores}:' if cores else '') +
                   f' {shlex.join(argv)}')
       # The child inherits this thread's affinity (no preexec_fn: it forces a fork).
@@ -201,10 +221,10 @@ def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
     for slot in done:
       k, run, proc, log = running.pop(slot)
       if log is not None:
-        log.close()
+        _close_log(log, run.workdir)
       if proc.returncode != 0:
         logging.error('[%d/%d] %s exited with %d%s.', k, len(runs), run.workdir,
-                      proc.returncode, f' (output in {log.name})' if log else '')
+                      proc.returncode, f' (output in {_log_path(run.workdir)})' if log else '')
         failed.append(run)
   return failed
 

@@ -51,14 +51,13 @@ def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json; a resumed run must keep the model it was started with."""
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f).get('model', {})
+  path = storage.join(workdir, 'config.json')
+  saved_config = storage.read_json(path)
+  if saved_config is not None:
+    saved = saved_config.get('model', {})
     now = json.loads(config.model.to_json_best_effort())
-    shape_keys = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
-                  'norm_type', 'post_num', 'gate_per_sublayer', 'scan_layers')
-    diff = {k: (saved.get(k), now.get(k)) for k in shape_keys if saved.get(k) != now.get(k)}
+    diff = {k: (saved.get(k), now.get(k)) for k in workdir_lib.SHAPE_KEYS
+            if saved.get(k) != now.get(k)}
     if diff:
       raise faults.ResumeError(f'{workdir} holds a run of another model ({diff}, saved vs now); '
                                'use a new --workdir, or the original model settings to resume.')
@@ -99,9 +98,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _trace_window(config: ml_collections.ConfigDict, workdir: str) -> profiling.TraceWindow:
   """config.profile's trace window; each process of a multi-process run traces into its own dir."""
   p = config.get('profile') or ml_collections.ConfigDict({'start_step': 0, 'num_steps': 1})
-  trace_dir = p.get('dir') or os.path.join(workdir, 'profile')
+  trace_dir = p.get('dir') or storage.join(workdir, 'profile')
   if jax.process_count() > 1:
-    trace_dir = os.path.join(trace_dir, f'process_{jax.process_index()}')
+    trace_dir = storage.join(trace_dir, f'process_{jax.process_index()}')
   return profiling.TraceWindow(p.start_step, p.num_steps, trace_dir)
 
 
@@ -192,13 +191,13 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
   _record_config(config, workdir)  # only now: a refused resume leaves config.json as it was
   if jax.process_index() == 0:
     for name in ('metrics.jsonl', 'analysis.jsonl'):
-      workdir_lib.repair_jsonl(os.path.join(workdir, name))
+      workdir_lib.repair_jsonl(storage.join(workdir, name))
   start = int(jax.device_get(state['step']))
   console.say(console.run_header(config, s.mesh, s.abstract_state['params'], workdir,
                                  resumed_from, total))
   run = _Run(config, workdir, s, total, train_iter, eval_batches, manager, state, start, t_start)
   run.saver = ckpt.Saver(manager)
-  run.writer = metrics_lib.MetricWriter.from_config(config, workdir)
+  run.writer = metrics_lib.MetricWriter.from_config(config, workdir, resume_step=start)
   run.writer.total_steps = total
   run.guard = faults.NanGuard(config.nan_policy, config.get('nan_max_consecutive', 10),
                               config.get('nan_max_total', 100), run.last_good)
@@ -274,6 +273,11 @@ def _checkpoint_or_stop(run: _Run, preemption: faults.StopSignals, window: conso
     jax.block_until_ready(run.state['params'])
     with window.excluded():
       run.saver.save(done, run.state, run.train_iter, meta)
+      run.writer.flush()  # in a bucket: the log is rewritten at each save (no append there)
+    for hook in ('sigkill', 'sigstop'):  # test hooks: a kill or a pause after a save
+      if done == config.debug.get(f'{hook}_at_step', -1):
+        run.saver.wait()
+        os.kill(os.getpid(), getattr(signal, hook.upper()))
   if stop:
     run.saver.wait()
     logging.warning('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
@@ -324,7 +328,7 @@ def _finish(run: _Run, preemption: faults.StopSignals) -> dict[str, Any]:
   run.writer.close()
   final = run.final
   if finished and jax.process_index() == 0:
-    storage.write_json(os.path.join(run.workdir, 'summary.json'), {
+    storage.write_json(storage.join(run.workdir, 'summary.json'), {
         'step': run.total, 'eval_loss': final.get('eval_loss'),
         'eval_ppl': final.get('eval_ppl'), 'eval_loss_baseline': final.get('eval_loss_baseline'),
         'eval_ppl_baseline': final.get('eval_ppl_baseline'),
@@ -341,7 +345,7 @@ def analyse(s: steps.Setup, grad_step, params, batch, step: int, workdir: str) -
   record = stats.training_stats(model, grads, batch['input_ids'], seg, s.config.data.pad_id,
                                 step=step)
   if jax.process_index() == 0:
-    storage.append_jsonl(os.path.join(workdir, 'analysis.jsonl'), record)
+    storage.append_jsonl(storage.join(workdir, 'analysis.jsonl'), record)
 
 
 def evaluate_and_log(s: steps.Setup, eval_step, params, eval_batches, writer, step: int) -> dict:

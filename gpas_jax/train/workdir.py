@@ -5,20 +5,18 @@ refused start leaves the workdir as it was.
 """
 
 import contextlib
-import datetime
-import fcntl
 import json
 import os
-import socket
 from typing import Any, Callable, Iterator
 
 from absl import logging
 import ml_collections
 
+from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import lock as lock_lib
 from gpas_jax.train.faults import ResumeError, WorkdirBusyError
 
-LOCK_FILE = 'lock'
 # The model fields that fix the shapes of the saved arrays.
 SHAPE_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
               'norm_type', 'post_num', 'gate_per_sublayer', 'scan_layers')
@@ -26,14 +24,6 @@ SHAPE_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'n
 _STREAM_KEYS = {'padded': ('layout', 'dataset', 'seed', 'tokenizer'),
                 'packed': ('layout', 'dataset', 'seed', 'tokenizer', 'worker_count',
                            'global_batch_size', 'max_length')}
-
-
-def _holder(path: str) -> dict[str, Any]:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
 
 
 def _is_process_0() -> bool:
@@ -55,47 +45,17 @@ def _agree(ok: bool) -> bool:
 def lock(workdir: str) -> Iterator[None]:
   """Holds WORKDIR/lock for the run (process 0 of a multi-host run takes it for all).
 
-  An OS advisory lock (flock), so the kernel releases it when its process dies however it dies:
-  the next run takes over a killed run's lock file (logging the dead holder) with no race. A
-  second live run is refused with WorkdirBusyError naming the holder's pid and host.
+  A second live run is refused with WorkdirBusyError naming the holder's pid and host; a dead
+  run's lock is taken over with a log line naming it (train/lock.py: flock on a local disk, a
+  heartbeat object in a bucket).
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
-  fd, error = None, ''
-  if _is_process_0():
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      h = _holder(path)
-      os.close(fd)
-      fd = None
-      error = (f'{os.path.abspath(workdir)} is in use by another run (pid {h.get("pid", "?")} on '
-               f'host {h.get("host", "?")}, started {h.get("started", "?")}). Wait for it to '
-               'end or stop it, or use another --workdir.')
-    except OSError as e:  # a file system without flock: run unlocked rather than not at all
-      logging.warning('Cannot lock %s (%s); two runs on this workdir would not be detected.',
-                      path, e)
-    if fd is not None:
-      old = _holder(path)
-      if old.get('pid') and old.get('pid') != os.getpid():
-        logging.warning('Took over the lock of a run that ended without releasing it (pid %s on '
-                        'host %s).', old.get('pid'), old.get('host'))
-      me = {'pid': os.getpid(), 'host': socket.gethostname(),
-            'started': datetime.datetime.now().isoformat(timespec='seconds')}
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, json.dumps(me).encode(), 0)
-      os.fsync(fd)
-  if not _agree(not error):
-    raise WorkdirBusyError(error or f'{os.path.abspath(workdir)} is in use by another run '
-                           '(process 0 says so).')
-  try:
+  hold = lock_lib.hold_bucket if storage.is_url(workdir) else lock_lib.hold_local
+  with contextlib.ExitStack() as stack:
+    error = stack.enter_context(hold(workdir)) if _is_process_0() else ''
+    if not _agree(not error):
+      raise WorkdirBusyError(error or f'{storage.absolute(workdir)} is in use by another run '
+                             '(process 0 says so).')
     yield
-  finally:
-    if fd is not None:
-      os.ftruncate(fd, 0)  # a released lock names no holder
-      fcntl.flock(fd, fcntl.LOCK_UN)
-      os.close(fd)
 
 
 def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
@@ -103,11 +63,9 @@ def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
 
   A summary of more steps than this config trains is refused (ResumeError).
   """
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
+  summary = storage.read_json(storage.join(workdir, 'summary.json'))
+  if summary is None:
     return None
-  with open(path, encoding='utf-8') as f:
-    summary = json.load(f)
   step = summary.get('step')
   if not summary.get('finished') or not isinstance(step, int) or step < total_steps:
     return None  # a longer run continues from the last checkpoint
@@ -119,11 +77,7 @@ def finished_summary(workdir: str, total_steps: int) -> dict[str, Any] | None:
 
 
 def _saved_config(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return storage.read_json(storage.join(workdir, 'config.json')) or {}
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any], prefix: str) -> list[str]:
@@ -153,7 +107,7 @@ def resume_check(config: ml_collections.ConfigDict, workdir: str, abstract_state
              '--workdir.')
 
   def check(step: int, shapes: dict[str, tuple[int, ...]], data_state: dict | None) -> None:
-    head = f'cannot resume {os.path.abspath(workdir)} from its checkpoint at step {step}'
+    head = f'cannot resume {storage.absolute(workdir)} from its checkpoint at step {step}'
     if step > total_steps:
       raise ResumeError(f'{head}: it is beyond num_train_steps={config.num_train_steps} '
                         f'({total_steps} updates). Raise num_train_steps to at least {step}, or '
@@ -185,8 +139,11 @@ def resume_check(config: ml_collections.ConfigDict, workdir: str, abstract_state
 
 
 def repair_jsonl(path: str) -> None:
-  """Cuts a torn last line (a run killed mid-write) so the next record starts on its own line."""
-  if not os.path.exists(path) or os.path.getsize(path) == 0:
+  """Cuts a torn last line (a run killed mid-write) so the next record starts on its own line.
+
+  Local files only: an object in a bucket is written whole, never torn.
+  """
+  if storage.is_url(path) or not os.path.exists(path) or os.path.getsize(path) == 0:
     return
   with open(path, 'rb+') as f:
     f.seek(-1, os.SEEK_END)
