@@ -304,6 +304,10 @@ def save_safetensors(model: model_lib.Transformer, path: str) -> None:
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   # transformers' from_pretrained reads the metadata and refuses a file without format 'pt'.
   save_file(to_torch_state_dict(model, buffers=True), path, metadata={'format': 'pt'})
+  # safetensors writes 0600; give it the mode of the files beside it (0666 less the umask).
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
 
 
 def save_hf_directory(model: model_lib.Transformer, directory: str) -> None:

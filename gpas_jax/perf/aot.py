@@ -259,6 +259,6 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  cli.run(main)  # config files found anywhere, one-line errors (exit 2), --traceback

@@ -381,6 +381,6 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   allocator.reexec_with_fast_malloc()
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from gpas_jax.runtime import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)  # config files found anywhere, one-line errors (exit 2), --traceback
