@@ -317,6 +317,7 @@ def loss_curves_plot(runs: Mapping[str, Any], path: str, title: str = 'Loss') ->
   ax_e.set_ylabel('eval loss')
   for ax in (ax_t, ax_e):
     ax.set_xlabel('training step')
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # steps: one eval, no 59.8
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small')
   return _save(fig, path)
