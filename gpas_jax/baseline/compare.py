@@ -27,7 +27,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 import gpas_jax
@@ -283,9 +282,9 @@ def plot(curves: dict[str, tuple], path: str, title: str) -> None:
 
 def define_flags() -> None:
   """This tool's flags."""
-  config_flags.DEFINE_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'tiny.py'),
-                                  'The run config (model, recipe, '
-                                  'chunks); its fields can be overridden with --config.x=v.')
+  cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'tiny.py'),
+                         'The run config (model, recipe, chunks); its fields can be '
+                         'overridden with --config.x=v.')
   flags.DEFINE_string('out', None, 'Output folder (table, JSON, PNG, both runs).', required=True)
   flags.DEFINE_integer('updates', 50, 'N: both sides perform N + 1 updates, as the baseline.')
   flags.DEFINE_string('init', '', 'Initial checkpoint (.bin/.safetensors/directory, baseline '

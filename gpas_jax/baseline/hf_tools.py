@@ -90,7 +90,7 @@ def evaluate_hf_directory(hf_dir: str, config: ml_collections.ConfigDict,
   try:
     model = interop.load_hf_directory(hf_dir, norm_type=norm_type, post_num=post_num)
   except (ValueError, KeyError) as e:  # a norm type or post_num its tensors do not fit
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = ' '.join(l.strip() for l in str(e).splitlines()[:4]) or type(e).__name__
     raise cli.UserError(f'--hf_dir={hf_dir} does not load as norm_type={norm_type!r} '
                         f'post_num={post_num!r}: {msg} Pass the NORM_TYPE (and POST_NUM) the '
                         'checkpoint was trained with.') from e

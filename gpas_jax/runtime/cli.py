@@ -118,6 +118,8 @@ def config_file_error(exc: BaseException, path: str, name: str = 'config') -> st
   """One line for a --config / --sweep file that cannot be loaded, naming the path first."""
   lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
   cause = lines[-1] if lines else str(exc)
+  if not isinstance(exc, OSError):  # the file itself fails: a SyntaxError, get_config raising
+    cause = f'{type(exc).__name__}: {cause}'.rstrip(': ')
   where = ''
   if 'No such file' in cause:
     where = (' (a relative path is looked up in the working directory, then in the installed '
@@ -148,15 +150,18 @@ def parse_flags(argv: Sequence[str], file_flags: Sequence[str] = FILE_FLAGS) -> 
   except (AttributeError, KeyError) as e:
     name = next((n for n in file_flags if any(a.startswith(f'--{n}.') for a in argv)), 'config')
     _refuse(override_error(e, argv, name))
-  except OSError as e:  # a config file that does not load, found while applying an override
-    name = next((n for n in file_flags if _file_flag_given(argv, n)), 'config')
-    _refuse(config_file_error(e, _file_flag_given(argv, name) or '?', name))
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file that does not load: missing, a SyntaxError, its get_config raising.
+    name = next((n for n in file_flags if _file_flag_given(argv, n)), None)
+    if name is None:
+      raise
+    _refuse(config_file_error(e, _file_flag_given(argv, name), name))
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   for name in file_flags:  # loaded lazily: a bad file shows only when first read
     if name in flags.FLAGS and flags.FLAGS[name].value is not None:
       try:
         flags.FLAGS[name].value.keys()
-      except OSError as e:
+      except Exception as e:  # pylint: disable=broad-except
         _refuse(config_file_error(e, config_flags.get_config_filename(flags.FLAGS[name]), name))
   return rest
 
@@ -188,6 +193,16 @@ def readable_errors(show_traceback: bool = False) -> Iterator[None]:
     if not show_traceback:
       print('(--traceback prints the full traceback)', file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def define_config_file(name: str, default: str | None, help_string: str) -> Any:
+  """config_flags.DEFINE_config_file, with one line for an unknown --NAME.<field> override
+  (config_flags applies the overrides to a default file when it is defined)."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    _refuse(override_error(e, sys.argv, name))
 
 
 def define_traceback_flag() -> None:

@@ -21,14 +21,9 @@ DEFAULT_CONFIG = os.path.join(gpas_jax.ROOT, 'configs', 'tiny.py')
 
 def define_flags() -> None:
   """--config (default configs/tiny.py), --workdir and --traceback."""
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  try:
-    config_flags.DEFINE_config_file(
-        'config', DEFAULT_CONFIG,
-        'A config file (get_config()); fields can be overridden with --config.<field>=<value>.')
-  except (AttributeError, KeyError) as e:  # an unknown --config.<field> on the default config
-    print(cli.override_error(e, sys.argv), file=sys.stderr)
-    sys.exit(cli.EXIT_REFUSED)
+  cli.define_config_file(
+      'config', DEFAULT_CONFIG,
+      'A config file (get_config()); fields can be overridden with --config.<field>=<value>.')
   flags.DEFINE_string('workdir', 'workdir/default',
                       'Checkpoints, metrics.jsonl and TensorBoard logs go here (relative: '
                       'to the working directory).')

@@ -78,7 +78,9 @@ def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float | None, str]:
     # The measured peak is the whole host's (all its cores): share it among the CPU devices of
     # this process (8 with --xla_force_host_platform_device_count=8), so MFU does not shrink 8x.
     host, source = cpu_peak.cpu_peak_flops('float32')
-    return host / jax.local_device_count(), source
+    n = jax.local_device_count()
+    shared = f'the host\'s {host / 1e9:,.1f} GFLOP/s over {n} CPU devices; ' if n > 1 else ''
+    return host / n, shared + source
   return None, f'no peak known for {kind}: MFU not reported'
 
 
