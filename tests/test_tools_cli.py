@@ -240,3 +240,51 @@ def test_compare_is_quiet_and_starts_through_the_launcher(outside):
   if allocator.available():  # a fast malloc is installed: the launcher preloads it
     header = next(l for l in logs if l.strip().startswith('allocator'))
     assert 'default' not in header, header
+
+
+def test_small_items(tmp_path, monkeypatch, capsys):
+  """Case 9: hf_tools export refuses an existing export unless asked and says what it wrote;
+  analysis names the flag that records per-layer data; a one-eval loss figure ticks whole steps."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gpas_jax.analysis import cli as analysis_cli  # pylint: disable=import-outside-toplevel
+  from gpas_jax.analysis import plots  # pylint: disable=import-outside-toplevel
+  from gpas_jax.baseline import hf_tools  # pylint: disable=import-outside-toplevel
+  from gpas_jax.model import transformer  # pylint: disable=import-outside-toplevel
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
+  cfg = transformer.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                num_layers=2, num_heads=2, norm_type='pre')
+  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  config = ml_collections.ConfigDict({'size_name': 'tiny', 'seed': 0})
+  monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (config, model))
+  out = str(tmp_path / 'hf')
+  hf_tools.export_run(str(tmp_path / 'run'), out, step=5)
+  before = os.path.getmtime(os.path.join(out, 'model.safetensors'))
+  with pytest.raises(cli.UserError, match=r'already holds an export.*--overwrite'):
+    hf_tools.export_run(str(tmp_path / 'run'), out, step=6)
+  assert os.path.getmtime(os.path.join(out, 'model.safetensors')) == before  # nothing lost
+  hf_tools.export_run(str(tmp_path / 'run'), out, step=6, overwrite=True)
+  assert json.load(open(os.path.join(out, 'gpas_jax_export.json')))['step'] == 6
+  report = hf_tools.export_report(out)
+  assert [l.split()[1] for l in report] == [os.path.join(out, f) for f in hf_tools.EXPORT_FILES]
+  assert all(l.endswith(' bytes)') for l in report)
+  # A run without analysis.jsonl: the message names the flag that records it.
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text(json.dumps({'size_name': 'tiny', 'seed': 0,
+                                               'model': {'norm_type': 'pre'}}))
+  (run / 'metrics.jsonl').write_text(json.dumps({'step': 60, 'loss': 5.0}) + '\n' +
+                                     json.dumps({'step': 60, 'eval_loss': 5.1}) + '\n')
+  capsys.readouterr()
+  analysis_cli.analyze_run(str(run), str(tmp_path / 'a'), importance=False)
+  said = capsys.readouterr().out
+  assert 'no activation_variance.png' in said and '--config.analysis.every_steps=N' in said, said
+  # One eval point: whole-step ticks on both panels.
+  figs = []
+  monkeypatch.setattr(plots, '_save', lambda fig, path: figs.append(fig) or path)
+  plots.loss_curves_plot({'r': [{'step': 6, 'loss': 5.0}, {'step': 6, 'eval_loss': 5.1}]},
+                         str(tmp_path / 'l.png'))  # a 6-step run: matplotlib would tick 5.7
+  for ax in figs[0].axes:
+    ticks = ax.get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks

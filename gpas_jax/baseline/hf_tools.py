@@ -66,6 +66,12 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
   return out_dir
 
 
+def export_report(out_dir: str) -> list[str]:
+  """'wrote PATH (N bytes)' for each file of an export."""
+  return [f'wrote {os.path.join(out_dir, n)} ({os.path.getsize(os.path.join(out_dir, n)):,} bytes)'
+          for n in EXPORT_FILES if os.path.exists(os.path.join(out_dir, n))]
+
+
 def eval_config(config: ml_collections.ConfigDict,
                 model_cfg: model_lib.ModelConfig) -> ml_collections.ConfigDict:
   """A copy of the run config with the model dims of the loaded model (the tokenizer checks
@@ -134,9 +140,7 @@ def main(argv: Sequence[str]) -> None:
     if not runs.checkpoint_steps(workdir):
       raise cli.InputNotFound(f'--workdir={f.workdir} has no checkpoint to export.')
     out = export_run(workdir, cli.resolve_path(f.out), f.step, f.overwrite)
-    for name in EXPORT_FILES:  # what was written, so nothing is replaced unseen
-      path = os.path.join(out, name)
-      print(f'wrote {path} ({os.path.getsize(path):,} bytes)')
+    print('\n'.join(export_report(out)))  # what was written, so nothing is replaced unseen
     return
   if not f.hf_dir:
     raise app.UsageError('eval needs --hf_dir.')
