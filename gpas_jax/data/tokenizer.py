@@ -202,12 +202,12 @@ def main(argv: list[str], f: flags.FlagValues = flags.FLAGS) -> int:
     split = sources.open_split(ml_collections.ConfigDict({'data': data}), f.split)
     console.say(f'training a tokenizer on {split.description} ({len(split.source):,} documents)')
     start = time.time()
-    sp = train_tokenizer(split_texts(split), f.vocab_size, f.output, model_type=f.model_type,
+    sp = train_tokenizer(split_texts(split), f.vocab_size, path(f.output), model_type=f.model_type,
                          max_lines=f.max_lines, num_threads=f.num_threads, report=True)
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  console.say(f'Wrote {f.output}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
+  console.say(f'Wrote {path(f.output)}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
   return 0
 
 

@@ -163,8 +163,10 @@ def run_config(run: SweepRun) -> ml_collections.ConfigDict:
     fv(argv)
     fv.config.keys()  # loaded lazily: a broken file shows here
   except (AttributeError, KeyError) as e:
-    raise cli.UserError(f'{run.workdir}: ' + cli.override_error(e, argv).removeprefix(
-        'error: ')) from None
+    line = cli.override_error(e, argv).removeprefix('error: ')
+    if any(line.startswith(f'--config.{k}=') for k, _ in run.overrides):  # the sweep's flag
+      line = line.replace('--config.', '--sweep.overrides.', 1)
+    raise cli.UserError(f'{run.workdir}: {line}') from None
   except (OSError, ValueError) as e:
     raise cli.UserError(f'{run.workdir}: {run.config_file} with its flags cannot be loaded: '
                         f'{str(e).strip().splitlines()[-1]}') from None
