@@ -355,10 +355,9 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file('config', os.path.join(gpas_jax.ROOT, 'configs',
-                                                         'bench_cpu.py'),
-                                  'A config file; override fields with --config.<field>=<value>.')
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'bench_cpu.py'),
+                         'A config file; override fields with --config.<field>=<value>.')
   flags.DEFINE_integer('steps', 30, 'Timed rounds (one step of every variant each).')
   flags.DEFINE_integer('warmup', 3, 'Untimed rounds first.')
   flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference (CPU; eager, compiled).')
