@@ -4,6 +4,7 @@ from typing import Any
 
 import ml_collections
 
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import xla_flags
 
 NORM_TYPES = (
@@ -94,12 +95,30 @@ def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return m
 
 
+# The fields that name files or folders: relative to the working directory (cli.resolve_path).
+PATH_FIELDS = ('init_from', 'data.text_dir', 'data.tokens_path', 'data.eval_tokens_path',
+               'data.data_dir', 'data.tokenizer', 'data.cache_dir', 'profile.dir')
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Makes every PATH_FIELDS entry absolute against the working directory, in place (URLs and
+  empty fields untouched), so config.json records where the run's inputs really are."""
+  for key in PATH_FIELDS:
+    *parents, field = key.split('.')
+    section = config
+    for name in parents:
+      section = section.get(name) if section is not None else None
+    if section is not None and isinstance(section.get(field), str):
+      section[field] = cli.resolve_path(section[field])
+  return config
+
+
 def total_updates(config: ml_collections.ConfigDict) -> int:
   """Updates a run performs: num_train_steps, plus the baseline's extra last one (N + 1)."""
   return config.num_train_steps + (1 if effective(config, 'optim.baseline_last_step') else 0)
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
   """A config field holds a value that cannot work; the message names the field and the fix."""
 
 

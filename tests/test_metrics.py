@@ -125,7 +125,13 @@ def test_stdout_line_formats_known_keys(tmp_path):
   assert not os.path.exists(tmp_path / 'unused')  # no file sinks, no directory
   assert line.startswith('step 100/1000 | loss 3.1416 | lr 1.00e-03')
   assert 'tok/s 12.3k' in line and 'mfu 41.2%' in line and 'eta 1h02m' in line
-  assert 'gate_0=0.25' in line and '\n' not in line
+  assert 'gate_0 0.25' in line and '\n' not in line
+  # An eval line reads one way: 'name value', the baseline's numbers included (issue 22).
+  w.write_scalars(200, {'eval_loss': 6.25021, 'eval_ppl': 518.1, 'eval_loss_baseline': 5.469,
+                        'eval_ppl_baseline': 237.2, 'eval_time_s': 1.5})
+  line = out.getvalue().strip().splitlines()[-1]
+  assert line == ('step 200/1000 | eval_loss 6.2502 | eval_ppl 518.10 | eval_loss_baseline '
+                  '5.4690 | eval_ppl_baseline 237.20 | eval_time_s 1.5'), line
 
 
 def test_from_config_and_missing_wandb(tmp_path):

@@ -138,7 +138,7 @@ def test_deep_study_configs():
   cmds = [sweep.command(r) for r in sweep.plan(
       sweep.load_config_file('configs/sweeps/deep_cpu_study.py'), 'R')]
   assert len(cmds) == 2 * 4 * 3
-  assert {c[3] for c in cmds} == {'configs/deep_cpu.py:float32', 'configs/deep_cpu.py:bfloat16'}
+  assert {c[4] for c in cmds} == {'configs/deep_cpu.py:float32', 'configs/deep_cpu.py:bfloat16'}
   for precision, short in (('float32', 'f32'), ('bfloat16', 'bf16')):
     c = sweep.load_config_file(f'configs/deep_cpu.py:{precision}')
     assert c.size_name == f'deep12_{short}' and c.model.num_layers == 12

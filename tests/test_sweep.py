@@ -25,11 +25,12 @@ def test_cpu_study_commands(tmp_path):
   assert len(cmds) == 1 * 6 * 3
   seen = set()
   for argv in cmds:
-    assert argv[:4] == ['python', 'train.py', '--config', 'configs/tiny.py']
-    assert argv[4] == '--workdir'
+    # The launcher runs from any folder; the package's config file by its package path.
+    assert argv[:5] == ['python', '-m', 'gpas_jax.train.launch', '--config', 'configs/tiny.py']
+    assert argv[5] == '--workdir'
     f = _flags(argv)
     nt, seed = f['--config.model.norm_type'], int(f['--config.seed'])
-    assert argv[5] == os.path.join(root, 'tiny', nt, f'seed{seed}')
+    assert argv[6] == os.path.join(root, 'tiny', nt, f'seed{seed}')
     assert f['--config.num_train_steps'] == '300' and f['--config.analysis.every_steps'] == '50'
     assert len(f) == 6  # norm_type, seed, and the sweep's four overrides
     seen.add((nt, seed))
@@ -41,26 +42,26 @@ def test_cpu_study_commands(tmp_path):
     f.write('{}')
   cmds = _print_only('--sweep', 'configs/sweeps/cpu_study.py', '--root', root, '--skip_finished')
   assert len(cmds) == 17
-  assert os.path.join(root, 'tiny', 'lns', 'seed1') not in [c[5] for c in cmds]
+  assert os.path.join(root, 'tiny', 'lns', 'seed1') not in [c[6] for c in cmds]
 
 
 def test_paper_table_commands():
   cmds = _print_only('--sweep', 'configs/sweeps/paper_table.py', '--root', 'R',
                      '--sweep.seeds=(0,1)')
   assert len(cmds) == 5 * 8 * 2
-  sizes = {c[3] for c in cmds}
+  sizes = {c[4] for c in cmds}
   assert sizes == {f'configs/llama_{s}.py' for s in ('71m', '130m', '250m', '350m', '1b')}
-  assert all(os.path.isfile(s) for s in sizes)
+  assert all(os.path.isfile(sweep.resolve(s)) for s in sizes)
   assert {_flags(c)['--config.model.norm_type'] for c in cmds} == {
       'pre', 'pre_gpas', 'sandwich', 'sandwich_gpas', 'lns', 'lns_gpas', 'post_pre',
       'post_pre_gpas'}
-  assert cmds[0][5] == os.path.join('R', '71m', 'pre', 'seed0')
+  assert cmds[0][6] == os.path.join(os.getcwd(), 'R', '71m', 'pre', 'seed0')  # to the cwd
   # The authors' experiment: baseline_faithful in pure bf16; the gate clip for 1b Sandwich+GPAS.
   for argv in cmds:
     f = _flags(argv)
     assert f['--config.baseline_faithful'] == 'True'
     assert f['--config.model.param_dtype'] == f['--config.model.compute_dtype'] == 'bfloat16'
-    clipped = argv[3].endswith('1b.py') and f['--config.model.norm_type'] == 'sandwich_gpas'
+    clipped = argv[4].endswith('1b.py') and f['--config.model.norm_type'] == 'sandwich_gpas'
     assert f.get('--config.optim.gate_clip') == ('0.01' if clipped else None)
     assert '--config.data.data_dir' not in f  # left for the user to fill in
 

@@ -53,7 +53,8 @@ def _fabricate(root):
 
 
 SWEEP = ml_collections.ConfigDict({'sizes': ('tiny',), 'seeds': (0, 1, 2),
-                                   'norm_types': ('pre', 'pre_gpas', 'sandwich', 'sandwich_gpas')})
+                                   'norm_types': ('pre', 'pre_gpas', 'sandwich', 'sandwich_gpas'),
+                                   'base_config': 'configs/tiny.py', 'overrides': {}})
 
 
 def test_table_numbers(tmp_path):
@@ -104,7 +105,8 @@ def test_cli_with_a_sweep_file(tmp_path):
   sweep.write_text(
       'import ml_collections\n\ndef get_config():\n'
       "  return ml_collections.ConfigDict({'sizes': ('tiny',), 'seeds': (0, 1, 2),\n"
-      "      'norm_types': ('pre', 'pre_gpas'), 'base_config': 'x', 'overrides': {}})\n")
+      "      'norm_types': ('pre', 'pre_gpas'), 'base_config': 'configs/tiny.py',\n"
+      "      'overrides': {}})\n")
   out = subprocess.run(
       [sys.executable, '-m', 'gpas_jax.analysis.table', '--root', str(tmp_path / 'runs'),
        '--out', str(tmp_path / 'o'), '--sweep', str(sweep)],

@@ -95,6 +95,34 @@ def test_rerunning_a_finished_run_changes_nothing(finished_run, tmp_path):
   assert _snapshot(workdir) == before
 
 
+def test_extending_a_finished_run_says_how_the_schedule_changes(finished_run, tmp_path,
+                                                                 capsys, monkeypatch):
+  """Issue 22 case 6: 6 -> 8 steps re-stretches the cosine; the start-up block gives the lr of
+  the next update under both plans. Case 8: the MFU peak and its source, provisional named."""
+  from gpas_jax.train import optim  # pylint: disable=import-outside-toplevel
+  from gpas_jax.runtime import cpu_peak  # pylint: disable=import-outside-toplevel
+  workdir = _copy(finished_run, tmp_path / 'run')
+  cache = tmp_path / 'peak.json'
+  monkeypatch.setenv(cpu_peak.CACHE_ENV, str(cache))
+  cache.write_text(json.dumps({cpu_peak.machine_key('float32'): {
+      'flops': 8.8e10, 'when': '2026-12-01 10:00', 'cpu_share': 0.498, 'final': False}}))
+  capsys.readouterr()
+  result = trainer.train(tiny_train_config(num_train_steps=8), workdir, jax.devices()[:1])
+  assert result['finished'] and result['step'] == 8
+  out = capsys.readouterr().out
+  old, new = optim.lr_schedule(tiny_train_config())(6), optim.lr_schedule(
+      tiny_train_config(num_train_steps=8))(6)
+  assert float(new) > 2 * float(old)  # the jump the block must announce
+  row = next(l for l in out.splitlines() if l.strip().startswith('lr schedule'))
+  assert 'num_train_steps 6 -> 8' in row, row
+  assert f'the lr of update 7 is {float(new):.3g}, it was {float(old):.3g}' in row, row
+  peak = next(l for l in out.splitlines() if l.strip().startswith('mfu peak'))
+  n = jax.local_device_count()  # the host's peak is shared by its CPU devices
+  assert f'{88.0 / n:.1f} GFLOP/s per device' in peak and 'provisional' in peak, peak
+  assert '88.0 GFLOP/s over' in peak and '50% of them' in peak, peak
+  assert 'MFU reads high' in peak, peak
+
+
 def test_fewer_steps_than_the_latest_checkpoint_are_refused(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path / 'run')
   before = _snapshot(workdir)

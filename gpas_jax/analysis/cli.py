@@ -15,8 +15,14 @@ from absl import logging
 
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import cli as cli_lib
 from gpas_jax.runtime import console
 from gpas_jax import storage
+
+
+# analysis.jsonl is written only when training asked for it: say how.
+_RECORD_HINT = (' (per-layer records are written by training with --config.analysis.every_steps=N, '
+                'e.g. 50)')
 
 
 def run_importance(workdir: str, step: int | None = None,
@@ -66,7 +72,7 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
     try:
       written.append(fn(recs, os.path.join(out_dir, fname), title=fig_title))
     except ValueError as e:  # No such records (analysis off, or no GPAS): skip that figure.
-      console.say(f'no {fname}: {e}')
+      console.say(f'no {fname}: {e}' + (_RECORD_HINT if recs is records else ''))
   if any('loss' in r for r in metrics):
     written.append(plots.loss_curves_plot({title: metrics}, os.path.join(out_dir, 'loss.png'),
                                           title=title))
@@ -101,10 +107,12 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
-  for path in analyze_run(f.workdir, f.out, f.importance, f.importance_batches or None, f.step):
+  path_of = cli_lib.resolve_path
+  for path in analyze_run(path_of(f.workdir), path_of(f.out), f.importance,
+                          f.importance_batches or None, f.step):
     print(path)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli_lib.run(main)

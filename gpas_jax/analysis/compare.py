@@ -11,11 +11,11 @@ of a figure is named on the console, never silently left out.
 import os
 from typing import Sequence
 
-from absl import app
 from absl import flags
 
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 from gpas_jax import storage
 
@@ -51,7 +51,8 @@ def compare_runs(run_dirs: Sequence[str], out_dir: str,
   """Writes the multi-run figures into out_dir; returns their paths."""
   runs = [runs_lib.load_run(p) for p in run_dirs]
   if labels and len(labels) != len(runs):
-    raise ValueError(f'{len(labels)} labels for {len(runs)} runs; give one label per run.')
+    raise cli.UserError(f'--labels: {len(labels)} labels for {len(runs)} runs; give one label '
+                        'per run.')
   labels = list(labels) if labels else _labels(runs)
   if not any(labels.count(l) > 1 for l in labels):  # one run per line: say which seed it is
     labels = [f'{l} (seed {r.seed})' for l, r in zip(labels, runs)]
@@ -113,10 +114,11 @@ def main(argv: Sequence[str]) -> None:
   console.quiet_logs()
   f = flags.FLAGS
   # `--runs A B C`: absl leaves B and C as positional arguments; take them as runs too.
-  for path in compare_runs(list(f.runs) + list(argv[1:]), f.out, f.labels):
+  run_dirs = [cli.resolve_path(p) for p in list(f.runs) + list(argv[1:])]
+  for path in compare_runs(run_dirs, cli.resolve_path(f.out), f.labels):
     print(path)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -318,6 +318,8 @@ def loss_curves_plot(runs: Mapping[str, Any], path: str, title: str = 'Loss') ->
   ax_e.set_ylabel('eval loss')
   for ax in (ax_t, ax_e):
     ax.set_xlabel('training step')
+    # Steps are whole: one eval point must tick 6, not 5.7 .. 6.3 (min_n_ticks=1 allows it).
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small')
   return _save(fig, path)

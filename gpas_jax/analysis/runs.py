@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 from etils import epath
 
 from gpas_jax import storage
+from gpas_jax.runtime import cli
 
 def last_per_step(records: list[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
   """The records that have `key`, the last one of each step (a resumed run repeats steps)."""
@@ -106,7 +107,8 @@ def is_run_dir(path: str) -> bool:
 def load_run(path: str) -> RunDir:
   """Reads a run directory's config.json and summary.json."""
   if not is_run_dir(path):
-    raise FileNotFoundError(f'{path} is not a run directory (no config.json with model.norm_type).')
+    raise cli.InputNotFound(f'{path} is not a run directory (no config.json with '
+                            'model.norm_type); give a folder that train.py wrote (its --workdir).')
   return RunDir(path=path, config=storage.read_json(os.path.join(path, 'config.json')),
                 summary=storage.read_json(os.path.join(path, 'summary.json')))
 

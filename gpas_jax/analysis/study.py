@@ -33,6 +33,7 @@ from gpas_jax.analysis import compare
 from gpas_jax.analysis import plots
 from gpas_jax.analysis import runs as runs_lib
 from gpas_jax.analysis import table as table_lib
+from gpas_jax.runtime import cli as cli_lib
 from gpas_jax.runtime import console
 
 
@@ -234,13 +235,22 @@ def ensure_importance(runs: Sequence[runs_lib.RunDir], batches: int) -> None:
       storage.write_json(path, imp)
 
 
-def write_study(root: str, out_dir: str, importance_batches: int = 8) -> list[str]:
-  """Writes the tables and figures of the runs under root into out_dir; returns their paths."""
+def write_study(root: str, out_dir: str, importance_batches: int = 8,
+                sweep: Any = None, extra: Sequence[tuple[str, Any]] = ()) -> list[str]:
+  """Writes the tables and figures of the runs under root into out_dir; returns their paths.
+
+  Runs whose recorded recipe differs from the sweep's (or, without a sweep, from the one most
+  runs of their size share) are left out of every table and figure, and listed in table.md.
+  """
   runs = sorted(runs_lib.find_runs(root), key=lambda r: r.path)
   if not runs:
-    raise FileNotFoundError(f'no runs under {root}.')
+    raise cli_lib.InputNotFound(f'no runs under {root} (no folder with a config.json that '
+                                'train.py wrote); give the --root of the sweep.')
   storage.makedirs(out_dir)
-  md, csv_path, _ = table_lib.write_table(root, out_dir)
+  md, csv_path, table = table_lib.write_table(root, out_dir, sweep, extra)
+  for path, diffs in table.mismatched:
+    console.say(f'left out {path}: another recipe than {table.reference} ({"; ".join(diffs)})')
+  runs = [r for r in runs if r.path not in table.left_out]
   deltas = paired_deltas(runs)
   written = [md, csv_path]
   for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas)),
@@ -270,6 +280,9 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'Output folder of the tables and figures.', required=True)
   flags.DEFINE_integer('importance_batches', 8, 'Eval batches per layer-importance measurement; '
                        '0 skips runs without analysis/importance.json.')
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file('sweep', None, 'The sweep config the runs come from: each '
+                                  "run's recorded recipe is checked against it.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -277,11 +290,18 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
-  written = write_study(f.root, f.out, f.importance_batches)
-  print(storage.read_text(storage.join(f.out, 'deltas.md')))
-  print(f'Wrote {len(written)} files under {f.out}.')
+  from gpas_jax.train import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  out = cli_lib.resolve_path(f.out)
+  written = write_study(cli_lib.resolve_path(f.root), out, f.importance_batches, f.sweep,
+                        sweep_lib.extra_overrides())
+  print(storage.read_text(storage.join(out, 'deltas.md')))
+  print(f'Wrote {len(written)} files under {out}.')
 
 
 if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  from gpas_jax.train import sweep as _sweep  # pylint: disable=g-import-not-at-top
+  with cli_lib.readable_errors():
+    sys.argv = _sweep.take_overrides(sys.argv)  # --sweep.overrides.<field>=v, as the sweep's
   define_flags()
-  app.run(main)
+  cli_lib.run(main, file_flags=('sweep',))

@@ -8,13 +8,16 @@ perplexity) are left out of the mean and counted in the cell. Then the missing r
 table.csv (the same layout, numbers in separate _mean/_std/_n columns) into --out.
 """
 
+import collections
 import csv
 import dataclasses
+import json
 import io
 import math
 import re
 import statistics
-from typing import Any, Iterable, Sequence
+import sys
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -22,11 +25,39 @@ import ml_collections
 
 from gpas_jax import storage
 from gpas_jax.analysis import runs as runs_lib
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
 # Architecture bases in the paper's order; post has no GPAS twin in the baseline.
 BASES = ('pre', 'post', 'post_pre', 'sandwich', 'lns', 'deeppost')
 NO_GPAS = ('post',)
+# What a table cell holds fixed besides the size: steps, recipe, data and precision. A run whose
+# recorded config differs in one of them is another experiment and never joins the mean.
+RECIPE_FIELDS = (
+    'num_train_steps', 'optim.name', 'optim.lr', 'optim.warmup_steps', 'optim.min_lr_ratio',
+    'optim.global_batch_size', 'optim.grad_clip', 'optim.gate_clip', 'optim.loss_chunks',
+    'baseline_faithful', 'data.source', 'data.tfds_name', 'data.text_dir', 'data.tokens_path',
+    'data.tokenizer', 'data.max_length', 'data.layout', 'model.param_dtype',
+    'model.compute_dtype', 'model.num_layers', 'model.hidden_size')
+
+
+def recipe(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The RECIPE_FIELDS of a config (a run's config.json, or a ConfigDict as a dict)."""
+  out = {}
+  missing = object()
+  for key in RECIPE_FIELDS:
+    value: Any = config
+    for part in key.split('.'):
+      value = value.get(part, missing) if isinstance(value, Mapping) else missing
+    if value is not missing:  # an older config.json may predate a field: not a difference
+      out[key] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def recipe_diffs(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  """'field recorded (expected X)' for each recipe field where two recipes differ."""
+  return [f'{k} {recorded[k]!r} (expected {expected[k]!r})' for k in RECIPE_FIELDS
+          if k in recorded and k in expected and recorded[k] != expected[k]]
 
 
 def size_key(name: str) -> tuple[float, str]:
@@ -74,6 +105,13 @@ class Table:
   missing: list[tuple[str, str, int]]
   unfinished: list[tuple[str, str, int, int | None, str]]
   duplicates: list[str]
+  mismatched: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+  reference: str = ''  # what the recipes were checked against
+
+  @property
+  def left_out(self) -> set[str]:
+    """Paths of the runs left out for another recipe."""
+    return {path for path, _ in self.mismatched}
 
   def cell(self, size: str, norm_type: str) -> Cell:
     return self.cells.get((size, norm_type), Cell())
@@ -94,10 +132,28 @@ def expected_runs(sweep: ml_collections.ConfigDict | None) -> set[tuple[str, str
   return {(s, n, int(k)) for s in sweep.sizes for n in sweep.norm_types for k in sweep.seeds}
 
 
+def _majority_recipes(runs: Iterable[runs_lib.RunDir]) -> dict[str, dict[str, Any]]:
+  """Per size, the recipe most of its finished runs share (ties: the first in path order)."""
+  counts: dict[str, collections.Counter] = {}
+  for run in runs:
+    if run.finished:
+      key = json.dumps(recipe(run.config), sort_keys=True, default=str)
+      counts.setdefault(run.size_name, collections.Counter())[key] += 1
+  return {size: json.loads(c.most_common(1)[0][0]) for size, c in counts.items()}
+
+
 def build_table(runs: Iterable[runs_lib.RunDir],
-                expected: set[tuple[str, str, int]] | None = None) -> Table:
-  """Groups runs by (size, norm_type); finished runs fill cells, the rest are listed."""
+                expected: set[tuple[str, str, int]] | None = None,
+                recipes: Mapping[tuple[str, str, int], Mapping[str, Any]] | None = None) -> Table:
+  """Groups runs by (size, norm_type); finished runs fill cells, the rest are listed.
+
+  Each run's recorded recipe (RECIPE_FIELDS) must match `recipes[(size, norm_type, seed)]` (the
+  sweep's) or, without one, the recipe most runs of its size share; a run that differs is left
+  out of the cells and listed with each differing field.
+  """
   expected = expected or set()
+  runs = list(runs)
+  majority = _majority_recipes(runs) if recipes is None else {}
   chosen: dict[tuple[str, str, int], runs_lib.RunDir] = {}
   duplicates = []
   for run in runs:
@@ -112,8 +168,14 @@ def build_table(runs: Iterable[runs_lib.RunDir],
     else:
       chosen[key] = run
   cells: dict[tuple[str, str], Cell] = {}
-  unfinished = []
+  unfinished, mismatched = [], []
   for (size, norm_type, seed), run in sorted(chosen.items()):
+    want = (recipes or {}).get((size, norm_type, seed)) if recipes is not None else (
+        majority.get(size))
+    diffs = recipe_diffs(recipe(run.config), want) if want is not None else []
+    if diffs:
+      mismatched.append((run.path, diffs))
+      continue
     if not run.finished:
       unfinished.append((size, norm_type, seed, run.last_step(), run.path))
       continue
@@ -128,7 +190,9 @@ def build_table(runs: Iterable[runs_lib.RunDir],
   present = {_base_of(k[1]) for k in keys}
   bases = [b for b in BASES if b in present] + sorted(present - set(BASES))
   missing = sorted(expected - set(chosen), key=lambda k: (size_key(k[0]), k[1], k[2]))
-  return Table(sizes, bases, cells, missing, unfinished, duplicates)
+  reference = ('the sweep' if recipes is not None else
+               'the recipe most runs of the size share')
+  return Table(sizes, bases, cells, missing, unfinished, duplicates, mismatched, reference)
 
 
 def _columns(base: str) -> list[str]:
@@ -159,6 +223,9 @@ def to_markdown(table: Table) -> str:
   lines += ['', f'Unfinished runs ({len(table.unfinished)}):']
   lines += [f'- {s} / {n} / seed {k}: last step {"none" if st is None else st} ({p})'
             for s, n, k, st, p in table.unfinished] or ['- none']
+  if table.mismatched:
+    lines += ['', f'Left out: another recipe than {table.reference} ({len(table.mismatched)}):']
+    lines += [f'- {p}: {"; ".join(d)}' for p, d in table.mismatched]
   if table.duplicates:
     lines += ['', f'Duplicate runs ({len(table.duplicates)}):']
     lines += [f'- {d}' for d in table.duplicates]
@@ -192,10 +259,27 @@ def to_csv(table: Table) -> str:
   return buf.getvalue()
 
 
+def sweep_recipes(sweep: ml_collections.ConfigDict, root: str,
+                  extra: Sequence[tuple[str, Any]] = ()) -> dict[tuple[str, str, int], dict]:
+  """The recipe each run of a sweep trains with, built as the sweep builds its config."""
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  out = {}
+  for run in sweep_lib.plan(sweep, root, extra):
+    config = config_lib.resolve_paths(sweep_lib.run_config(run))  # as train.py records them
+    out[(run.size, run.norm_type, run.seed)] = recipe(json.loads(config.to_json_best_effort()))
+  return out
+
+
 def write_table(root: str, out_dir: str | None = None,
-                sweep: ml_collections.ConfigDict | None = None) -> tuple[str, str, Table]:
-  """Collects the runs under root and writes table.md and table.csv; returns (md, csv, table)."""
-  table = build_table(runs_lib.find_runs(root), expected_runs(sweep))
+                sweep: ml_collections.ConfigDict | None = None,
+                extra: Sequence[tuple[str, Any]] = ()) -> tuple[str, str, Table]:
+  """Collects the runs under root and writes table.md and table.csv; returns (md, csv, table).
+
+  With a sweep, each run's recipe is checked against the sweep's (with `extra` overrides).
+  """
+  recipes = sweep_recipes(sweep, root, extra) if sweep is not None else None
+  table = build_table(runs_lib.find_runs(root), expected_runs(sweep), recipes)
   out = out_dir or root
   storage.makedirs(out)
   md, csv_path = storage.join(out, 'table.md'), storage.join(out, 'table.csv')
@@ -218,11 +302,22 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
-  md_path, csv_path, table = write_table(f.root, f.out, f.sweep)
+  from gpas_jax.train import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  if not storage.is_dir(cli.resolve_path(f.root)):
+    raise cli.InputNotFound(f'--root={f.root} is not a folder; give the --root the runs were '
+                            'trained under.')
+  md_path, csv_path, table = write_table(cli.resolve_path(f.root), cli.resolve_path(f.out),
+                                         f.sweep, sweep_lib.extra_overrides())
   print(to_markdown(table))
+  if table.mismatched:
+    console.say(f'{len(table.mismatched)} run(s) left out of the table: their recorded recipe '
+                f'is not {table.reference}\'s (listed under "Left out").')
   print(f'Wrote {md_path} and {csv_path}.')
 
 
 if __name__ == '__main__':
+  from gpas_jax.train import sweep as _sweep  # pylint: disable=g-import-not-at-top
+  with cli.readable_errors():
+    sys.argv = _sweep.take_overrides(sys.argv)  # --sweep.overrides.<field>=v, as the sweep's
   define_flags()
-  app.run(main)
+  cli.run(main, file_flags=('sweep',))

@@ -27,8 +27,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
+
+import gpas_jax
+from gpas_jax.runtime import cli
 
 _HISTORY_KEYS = ('loss', 'grad_norm', 'gates')
 
@@ -280,8 +282,9 @@ def plot(curves: dict[str, tuple], path: str, title: str) -> None:
 
 def define_flags() -> None:
   """This tool's flags."""
-  config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'The run config (model, recipe, '
-                                  'chunks); its fields can be overridden with --config.x=v.')
+  cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'tiny.py'),
+                         'The run config (model, recipe, chunks); its fields can be '
+                         'overridden with --config.x=v.')
   flags.DEFINE_string('out', None, 'Output folder (table, JSON, PNG, both runs).', required=True)
   flags.DEFINE_integer('updates', 50, 'N: both sides perform N + 1 updates, as the baseline.')
   flags.DEFINE_string('init', '', 'Initial checkpoint (.bin/.safetensors/directory, baseline '
@@ -299,12 +302,18 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from gpas_jax.runtime import console  # pylint: disable=import-outside-toplevel
+  console.quiet_logs()  # as train.py: third-party INFO (Orbax, TFDS) only with --verbosity=0
   f = flags.FLAGS
-  result = compare(f.config, f.out, f.updates, f.init, f.tokens, f.precisions, f.baseline_repo,
-                   f.faithful)
+  path = cli.resolve_path  # relative to the working directory, gs:// as it is
+  result = compare(f.config, path(f.out), f.updates, path(f.init), path(f.tokens),
+                   f.precisions, path(f.baseline_repo), f.faithful)
   print(format_table(result))
 
 
 if __name__ == '__main__':
+  # As train.py: re-exec with the fast malloc preloaded before jax or torch start.
+  from gpas_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
+  allocator.reexec_with_fast_malloc()
   define_flags()
-  app.run(main)
+  cli.run(main)

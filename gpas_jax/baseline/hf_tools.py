@@ -22,6 +22,7 @@ import ml_collections
 from gpas_jax.model import interop
 from gpas_jax.model import transformer as model_lib
 from gpas_jax import storage
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
 # The model dims a baseline config.json fixes; the eval config must agree with them.
@@ -37,10 +38,21 @@ def evaluate_model(model: model_lib.Transformer, batches: Iterable[Any],
   return loss, math.exp(loss) if loss < 700 else math.inf
 
 
-def export_run(workdir: str, out_dir: str, step: int | None = None) -> str:
-  """Writes a run's checkpoint (latest, or `step`) as a baseline-format directory."""
+EXPORT_FILES = ('config.json', 'model.safetensors', 'gpas_jax_export.json')
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None,
+               overwrite: bool = False) -> str:
+  """Writes a run's checkpoint (latest, or `step`) as a baseline-format directory.
+
+  An existing export in out_dir is refused unless `overwrite` (then its files are replaced).
+  """
   from gpas_jax.analysis import runs  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
+  there = [f for f in EXPORT_FILES if storage.exists(storage.join(out_dir, f))]
+  if there and not overwrite:
+    raise cli.UserError(f'--out={out_dir} already holds an export ({", ".join(there)}); give a '
+                        'new --out, or --overwrite to replace it.')
   if step is None:
     saved = runs.checkpoint_steps(workdir)
     step = saved[-1] if saved else None
@@ -51,6 +63,12 @@ def export_run(workdir: str, out_dir: str, step: int | None = None) -> str:
       'workdir': storage.absolute(workdir), 'step': step, 'size_name': config.get('size_name'),
       'seed': config.get('seed'), 'norm_type': model.config.norm_type})
   return out_dir
+
+
+def export_report(out_dir: str) -> list[str]:
+  """'wrote PATH (N bytes)' for each file of an export."""
+  paths = [storage.join(out_dir, n) for n in EXPORT_FILES]
+  return [f'wrote {p} ({storage.size(p):,} bytes)' for p in paths if storage.exists(p)]
 
 
 def eval_config(config: ml_collections.ConfigDict,
@@ -71,7 +89,16 @@ def evaluate_hf_directory(hf_dir: str, config: ml_collections.ConfigDict,
                           max_batches: int | None = None) -> tuple[float, float]:
   """(eval loss, perplexity) of a `save_pretrained` directory on config's eval data."""
   from gpas_jax import data  # pylint: disable=import-outside-toplevel
-  model = interop.load_hf_directory(hf_dir, norm_type=norm_type, post_num=post_num)
+  if not storage.is_file(storage.join(hf_dir, 'config.json')):
+    raise cli.InputNotFound(f'--hf_dir={hf_dir} holds no config.json; give a save_pretrained '
+                            'directory (config.json + model.safetensors or pytorch_model.bin).')
+  try:
+    model = interop.load_hf_directory(hf_dir, norm_type=norm_type, post_num=post_num)
+  except (ValueError, KeyError) as e:  # a norm type or post_num its tensors do not fit
+    msg = ' '.join(l.strip() for l in str(e).splitlines()[:4]) or type(e).__name__
+    raise cli.UserError(f'--hf_dir={hf_dir} does not load as norm_type={norm_type!r} '
+                        f'post_num={post_num!r}: {msg} Pass the NORM_TYPE (and POST_NUM) the '
+                        'checkpoint was trained with.') from e
   config = eval_config(config, model.config)
   batches = data.make_eval_batches(config)
   if max_batches:
@@ -88,6 +115,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'export: the run directory.')
   flags.DEFINE_string('out', None, 'export: the directory to write.')
   flags.DEFINE_integer('step', None, 'export: checkpoint step; default the latest.')
+  flags.DEFINE_bool('overwrite', False, 'export: replace an existing export in --out.')
   flags.DEFINE_string('hf_dir', None, 'eval: a save_pretrained directory.')
   flags.DEFINE_string('norm_type', None, "eval: the baseline's NORM_TYPE (needed when "
                       'config.json does not name it).')
@@ -105,7 +133,13 @@ def main(argv: Sequence[str]) -> None:
   if argv[1] == 'export':
     if not f.workdir or not f.out:
       raise app.UsageError('export needs --workdir and --out.')
-    print(export_run(f.workdir, f.out, f.step))
+    from gpas_jax.analysis import runs  # pylint: disable=import-outside-toplevel
+    workdir = cli.resolve_path(f.workdir)
+    runs.load_run(workdir)  # not a run: one line naming it
+    if not runs.checkpoint_steps(workdir):
+      raise cli.InputNotFound(f'--workdir={f.workdir} has no checkpoint to export.')
+    out = export_run(workdir, cli.resolve_path(f.out), f.step, f.overwrite)
+    print('\n'.join(export_report(out)))  # what was written, so nothing is replaced unseen
     return
   if not f.hf_dir:
     raise app.UsageError('eval needs --hf_dir.')
@@ -114,11 +148,12 @@ def main(argv: Sequence[str]) -> None:
   else:
     from gpas_jax.train import sweep  # pylint: disable=import-outside-toplevel
     config = sweep.load_config_file('configs/tiny.py')  # found from any directory
-  loss, ppl = evaluate_hf_directory(f.hf_dir, config, f.norm_type, f.post_num,
+  hf_dir = cli.resolve_path(f.hf_dir)
+  loss, ppl = evaluate_hf_directory(hf_dir, config, f.norm_type, f.post_num,
                                     f.max_batches or None)
-  print(json.dumps({'hf_dir': f.hf_dir, 'eval_loss': loss, 'eval_ppl': ppl}))
+  print(json.dumps({'hf_dir': hf_dir, 'eval_loss': loss, 'eval_ppl': ppl}))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

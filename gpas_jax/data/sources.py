@@ -108,7 +108,7 @@ def folder_fingerprint(text_dir: str, text_field: str, validation_percent: float
                        validation_glob: str = '') -> str:
   """Returns a short hash of what a text-folder build depends on; edits change it."""
   root = pathlib.Path(text_dir).expanduser().resolve()
-  files = builders.list_text_files(text_dir)
+  files = builders.list_text_files(str(root))  # under root, so relative_to holds
   listing = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
              for p in files]
   blob = json.dumps([str(root), text_field, validation_percent, validation_glob,
@@ -119,6 +119,8 @@ def folder_fingerprint(text_dir: str, text_field: str, validation_percent: float
 def prepare_text_folder(cache: pathlib.Path, text_dir: str, text_field: str,
                         validation_percent: float, validation_glob: str = '') -> pathlib.Path:
   """Builds a text folder's dataset once into the cache; returns its dataset folder."""
+  # Relative to the working directory (the one path rule); the build lists files under it.
+  text_dir = os.path.abspath(os.path.expanduser(text_dir))
   fp = folder_fingerprint(text_dir, text_field, validation_percent, validation_glob)
   data_dir = cache / 'tfds' / f'text_folder-{fp}'
   if (data_dir / _BUILDER_DIR / 'dataset_info.json').exists():

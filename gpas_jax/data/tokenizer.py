@@ -32,6 +32,7 @@ from gpas_jax import storage
 from gpas_jax.data import corpus
 from gpas_jax.data.errors import DataError
 from gpas_jax.data import sources
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
 SPECIAL_IDS = {'pad_id': 0, 'eos_id': 1, 'unk_id': 2, 'bos_id': -1}
@@ -189,22 +190,23 @@ def main(argv: list[str], f: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
+  path = cli.resolve_path  # relative paths: to the working directory, gs:// as it is
   data = ml_collections.ConfigDict(dict(
-      source=f.source, text_dir=f.text_dir, text_field=f.text_field,
-      tfds_name=f.tfds_name, data_dir=f.data_dir, cache_dir=f.cache_dir))
+      source=f.source, text_dir=path(f.text_dir), text_field=f.text_field,
+      tfds_name=f.tfds_name, data_dir=path(f.data_dir), cache_dir=path(f.cache_dir)))
   try:
     split = sources.open_split(ml_collections.ConfigDict({'data': data}), f.split)
     console.say(f'training a tokenizer on {split.description} ({len(split.source):,} documents)')
     start = time.time()
-    sp = train_tokenizer(split_texts(split), f.vocab_size, f.output, model_type=f.model_type,
+    sp = train_tokenizer(split_texts(split), f.vocab_size, path(f.output), model_type=f.model_type,
                          max_lines=f.max_lines, num_threads=f.num_threads, report=True)
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  console.say(f'Wrote {f.output}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
+  console.say(f'Wrote {path(f.output)}: {sp.vocab_size()} pieces in {time.time() - start:.1f} s.')
   return 0
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, file_flags=())

@@ -246,9 +246,9 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'llama_7b.py'),
-                                  'A config file; override fields with --config.<field>=<value>.')
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'llama_7b.py'),
+                         'A config file; override fields with --config.<field>=<value>.')
   flags.DEFINE_string('mesh', '1,64,1', 'data,fsdp,tensor mesh of fake CPU devices.')
   flags.DEFINE_string('chip', 'v5p', f'HBM table entry: {", ".join(HBM_GIB)}.')
   flags.DEFINE_enum('remat', '', ['', 'none', 'full', 'save_dots'],
@@ -259,6 +259,6 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  cli.run(main)  # config files found anywhere, one-line errors (exit 2), --traceback

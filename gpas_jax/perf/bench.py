@@ -355,10 +355,9 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file('config', os.path.join(gpas_jax.ROOT, 'configs',
-                                                         'bench_cpu.py'),
-                                  'A config file; override fields with --config.<field>=<value>.')
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'bench_cpu.py'),
+                         'A config file; override fields with --config.<field>=<value>.')
   flags.DEFINE_integer('steps', 30, 'Timed rounds (one step of every variant each).')
   flags.DEFINE_integer('warmup', 3, 'Untimed rounds first.')
   flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference (CPU; eager, compiled).')
@@ -381,6 +380,6 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   allocator.reexec_with_fast_malloc()
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from gpas_jax.runtime import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main)  # config files found anywhere, one-line errors (exit 2), --traceback

@@ -230,7 +230,8 @@ def describe() -> str:
       why = f'the preload of {chosen} failed (LD_PRELOAD={os.environ.get("LD_PRELOAD", "")})'
     elif chosen != DEFAULT:
       why = (f'{chosen} is installed, but this process did not start through the launcher '
-             '(train.py and python -m gpas_jax.perf.bench preload it)')
+             '(train.py, python -m gpas_jax.train.launch, gpas_jax.baseline.compare and '
+             'gpas_jax.perf.bench preload it)')
   except (ValueError, FileNotFoundError) as e:
     why = str(e)
   if not sys.platform.startswith('linux'):

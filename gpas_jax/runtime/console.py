@@ -153,8 +153,10 @@ def _data_line(config: Any) -> str:
 
 
 def run_header(config: Any, mesh: Any, abstract_params: Any, workdir: str,
-               resumed_from: str | None, total_steps: int) -> str:
-  """The start-up block of a training run: model, size, tokens, devices, data, workdir."""
+               resumed_from: str | None, total_steps: int,
+               extra: Mapping[str, str] | None = None) -> str:
+  """The start-up block of a training run: model, size, tokens, devices, data, workdir, and
+  the `extra` rows (the MFU peak and its source, a schedule changed on resume)."""
   import jax  # pylint: disable=import-outside-toplevel
   from gpas_jax.runtime import allocator  # pylint: disable=import-outside-toplevel
   from gpas_jax.runtime import xla_flags  # pylint: disable=import-outside-toplevel
@@ -177,6 +179,7 @@ def run_header(config: Any, mesh: Any, abstract_params: Any, workdir: str,
       'resumed from': resumed_from or 'nothing (a new run)',
       'allocator': allocator.describe(),
       'XLA_FLAGS': xla_flags.describe(),
+      **(extra or {}),
   }
   return startup_block(rows, f'gpas_jax: training {config.get("size_name", "")} '
                              f'{m.norm_type}'.rstrip())

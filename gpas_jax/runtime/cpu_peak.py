@@ -116,7 +116,10 @@ def cpu_peak_flops(dtype: str = 'float32', remeasure: bool = False,
   entry = data.get(key) or {}
   again = remeasure or (refine and not entry.get('final'))
   if entry.get('flops', 0) > 0 and not again:
-    state = '' if entry.get('final') else ' (provisional: measured on a busy machine)'
+    state = '' if entry.get('final') else (
+        f'; provisional: measured while other processes held the cores (the matmul got '
+        f'{100 * float(entry.get("cpu_share", 0)):.0f}% of them), so the peak is low and MFU '
+        'reads high; `python -m gpas_jax.perf.bench` measures it again')
     return float(entry['flops']), (f'measured {dtype} {_MATMUL_N}^3 matmul, cached '
                                    f'{entry.get("when", "?")} in {path}{state}')
   flops, share = measure(dtype)
@@ -129,5 +132,5 @@ def cpu_peak_flops(dtype: str = 'float32', remeasure: bool = False,
   data[key] = entry
   _write(path, data)
   state = ('' if final else f'; provisional: the matmul got {100 * share:.0f}% of the cores, '
-           'so the bench measures it again')
+           'so the peak is low and MFU reads high; the bench measures it again')
   return best, f'measured {dtype} {_MATMUL_N}^3 matmul (best so far, cached in {path}{state})'

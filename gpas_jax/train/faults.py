@@ -11,23 +11,21 @@ Exit codes of train.py (docs/RELIABILITY.md):
 Imports no jax, so train.py can use it before jax.distributed starts.
 """
 
-import contextlib
 import signal
-import sys
 import threading
-import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
 
 from gpas_jax.config import ConfigError
+from gpas_jax.runtime import cli
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_DIVERGED, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later (a requeue wrapper resubmits)
 EXIT_ABORTED = 130  # 128 + SIGINT, the shell's convention
 
 
-class RunError(Exception):
+class RunError(cli.UserError):
   """An error of our own whose message says what happened and what to do; no traceback needed."""
   exit_code = EXIT_REFUSED
 
@@ -60,55 +58,13 @@ class NonFiniteError(RunError, FloatingPointError):
 
 def exit_code(exc: BaseException) -> int | None:
   """The exit code of an error of our own, or None for an unexpected one (a bug)."""
-  if isinstance(exc, RunError):
-    return exc.exit_code
-  if isinstance(exc, ConfigError):  # DataError is one too
-    return EXIT_REFUSED
-  mesh = sys.modules.get('gpas_jax.sharding')  # only loaded modules can have raised
-  if mesh is not None and isinstance(exc, mesh.MeshError):
-    return EXIT_REFUSED
-  return None
+  return cli.exit_code(exc)
 
 
-@contextlib.contextmanager
-def readable_errors(show_traceback: bool = False) -> Iterator[None]:
-  """Turns an error of our own into one line on stderr and its exit code (traceback on request)."""
-  try:
-    yield
-  except Exception as e:  # pylint: disable=broad-except
-    code = exit_code(e)
-    if code is None:
-      raise
-    if show_traceback:
-      traceback.print_exc()
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    if not show_traceback:
-      print('(--traceback prints the full traceback)', file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _innermost_message(exc: BaseException) -> str:
-  arg: Any = exc
-  while isinstance(arg, BaseException) and arg.args:
-    arg = arg.args[0]
-  return str(arg)
-
-
-def override_error(exc: BaseException, argv: list[str]) -> str:
-  """One line for an unknown --config.<field> override (ml_collections' 'Did you mean')."""
-  msg = _innermost_message(exc).strip()
-  lines = [l.strip() for l in msg.splitlines() if l.strip()]
-  key = lines[0].strip('\'"') if lines else '?'
-  flag = next((a for a in argv if a.startswith('--config.') and
-               f'.{key}' in a.split('=', 1)[0]), '--config.<field>')
-  hint = ' '.join(lines[1:])
-  return f'error: {flag}: the config has no field {key!r}.' + (f' {hint}' if hint else '')
-
-
-def config_file_error(exc: BaseException, path: str) -> str:
-  """One line for a --config file that cannot be loaded, naming the path first."""
-  lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-  return f'error: --config={path} cannot be loaded: {lines[-1] if lines else exc}'
+# One helper for every tool (gpas_jax/runtime/cli.py); kept under these names for train.py's callers.
+readable_errors = cli.readable_errors
+override_error = cli.override_error
+config_file_error = cli.config_file_error
 
 
 class StopSignals:

@@ -141,6 +141,8 @@ _STDOUT_FORMATS = {
     'loss': ('loss', lambda v: f'{v:.4f}'),
     'eval_loss': ('eval_loss', lambda v: f'{v:.4f}'),
     'eval_ppl': ('eval_ppl', lambda v: f'{v:.2f}'),
+    'eval_loss_baseline': ('eval_loss_baseline', lambda v: f'{v:.4f}'),
+    'eval_ppl_baseline': ('eval_ppl_baseline', lambda v: f'{v:.2f}'),
     'lr': ('lr', lambda v: f'{v:.2e}'),
     'grad_norm': ('gnorm', lambda v: f'{v:.3g}'),
     'tokens_per_s': ('tok/s', _si),
@@ -238,7 +240,8 @@ class MetricWriter:
       if '/' in key:  # per-layer series (gate/3): a range on stdout, every value in the files
         series.setdefault(key.split('/', 1)[0], []).append(v)
       elif key not in _STDOUT_FORMATS:
-        parts.append(f'{key}={v:.4g}' if isinstance(v, float) else f'{key}={v}')
+        # 'name value' like the known keys, so one line reads one way
+        parts.append(f'{key} {v:.4g}' if isinstance(v, float) else f'{key} {v}')
     for name, values in series.items():
       parts.append(f'{name} {min(values):.4g}..{max(values):.4g}')
     return ' | '.join(parts)

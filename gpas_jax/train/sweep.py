@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 import gpas_jax
 from gpas_jax import storage
+from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
 
@@ -47,24 +48,13 @@ class SweepRun:
   overrides: tuple[tuple[str, Any], ...] = ()
 
 
-# The folder holding the gpas_jax and configs packages: the clone, or site-packages.
-
-
-def split_config_arg(spec: str) -> tuple[str, str]:
-  """('configs/deep_cpu.py', ':bfloat16') of a config spec; the argument part may be empty."""
-  path, sep, arg = spec.partition('.py:')
-  return (path + '.py', ':' + arg) if sep else (spec, '')
+split_config_arg = cli.split_config_arg
 
 
 def resolve(path: str) -> str:
-  """A relative path ('configs/tiny.py', 'train.py', 'configs/deep_cpu.py:bfloat16') as given
-  when it exists from here, else the one in the clone (or installed package) this module belongs
-  to, so tools run from anywhere. A config file's ':argument' is kept."""
-  path, arg = split_config_arg(path)
-  if os.path.isabs(path) or os.path.exists(path):
-    return path + arg
-  candidate = os.path.join(gpas_jax.ROOT, path)
-  return (candidate if os.path.exists(candidate) else path) + arg
+  """A config file (or train.py) as every tool finds it: from the working directory when it
+  exists there, else from the installed package (cli.resolve_config); ':argument' kept."""
+  return cli.resolve_config(path)
 
 
 def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
@@ -73,7 +63,8 @@ def load_config_file(path: str, *args: str) -> ml_collections.ConfigDict:
   path, arg = split_config_arg(resolve(path))
   args = ((arg[1:],) if arg else ()) + args
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist.')
+    raise cli.InputNotFound(f'config file {path!r} does not exist (a relative path is looked up '
+                            'in the working directory, then in the installed configs package).')
   if gpas_jax.ROOT not in sys.path:  # Config files import `configs.base`; it is there when uninstalled.
     sys.path.insert(0, gpas_jax.ROOT)
   spec = importlib.util.spec_from_file_location(
@@ -104,9 +95,16 @@ def config_file_for(sweep: ml_collections.ConfigDict, size: str) -> str:
   return base[size]
 
 
-def plan(sweep: ml_collections.ConfigDict, root: str) -> list[SweepRun]:
-  """Every run of the sweep, seed-major within a size, so partial sweeps compare like with like."""
-  overrides = tuple((k, v) for k, v in _flatten(sweep.get('overrides') or {}) if v != '')
+def plan(sweep: ml_collections.ConfigDict, root: str,
+         extra: Sequence[tuple[str, Any]] = ()) -> list[SweepRun]:
+  """Every run of the sweep, seed-major within a size, so partial sweeps compare like with like.
+
+  `extra`: (dotted config key, value) overrides of every run, any config field (the command
+  line's --sweep.overrides.<key>=<value>); they replace the sweep file's entry of the same key.
+  """
+  merged = dict(_flatten(sweep.get('overrides') or {}))
+  merged.update(dict(extra))
+  overrides = tuple((k, v) for k, v in merged.items() if v != '')
   per_run: dict[tuple[str, str], list[tuple[str, Any]]] = {}
   for size, norm_type, key, value in sweep.get('run_overrides') or ():
     per_run.setdefault((size, norm_type), []).append((key, value))
@@ -126,11 +124,103 @@ def _flag_value(v: Any) -> str:
   return str(v)
 
 
-def command(run: SweepRun, python: str = 'python', train_script: str = 'train.py') -> list[str]:
-  """The train.py argv of one run."""
-  argv = [python, train_script, '--config', run.config_file, '--workdir', run.workdir,
-          f'--config.model.norm_type={run.norm_type}', f'--config.seed={run.seed}']
-  return argv + [f'--config.{k}={_flag_value(v)}' for k, v in run.overrides]
+LAUNCHER = ('-m', 'gpas_jax.train.launch')  # train.py's program, importable from any folder
+
+
+def config_flags_of(run: SweepRun) -> list[str]:
+  """The --config.<field>=<value> flags of one run (norm_type, seed, then the overrides)."""
+  return ([f'--config.model.norm_type={run.norm_type}', f'--config.seed={run.seed}'] +
+          [f'--config.{k}={_flag_value(v)}' for k, v in run.overrides])
+
+
+def command(run: SweepRun, python: str = 'python', train_script: str = '') -> list[str]:
+  """The training argv of one run: `python -m gpas_jax.train.launch` (runs from any folder
+  where gpas_jax is installed), or `python TRAIN_SCRIPT` when one is given."""
+  entry = [train_script] if train_script else list(LAUNCHER)
+  return ([python, *entry, '--config', run.config_file, '--workdir', run.workdir] +
+          config_flags_of(run))
+
+
+def portable_config(spec: str) -> str:
+  """A config spec for a printed command: a file of the installed configs package as its
+  package path ('configs/tiny.py', found by every tool on any machine with gpas_jax
+  installed), any other file absolute."""
+  resolved = resolve(spec)
+  path, arg = split_config_arg(resolved)
+  rel = os.path.relpath(path, gpas_jax.ROOT) if not cli.is_url(path) else path
+  if rel.startswith('configs' + os.sep) and cli.installed(rel) == path:
+    return rel + arg
+  return resolved
+
+
+def run_config(run: SweepRun) -> ml_collections.ConfigDict:
+  """The config one run trains with, built as its command builds it (absl's parser on the same
+  --config.<field>=<value> flags), without starting it."""
+  fv = flags.FlagValues()
+  argv = ['sweep', '--config', resolve(run.config_file)] + config_flags_of(run)
+  # config_flags registers the --config.<field> overrides it finds in sys_argv at definition.
+  config_flags.DEFINE_config_file('config', None, flag_values=fv, sys_argv=argv)
+  try:
+    fv(argv)
+    fv.config.keys()  # loaded lazily: a broken file shows here
+  except (AttributeError, KeyError) as e:
+    line = cli.override_error(e, argv).removeprefix('error: ')
+    if any(line.startswith(f'--config.{k}=') for k, _ in run.overrides):  # the sweep's flag
+      line = line.replace('--config.', '--sweep.overrides.', 1)
+    raise cli.UserError(f'{run.workdir}: {line}') from None
+  except (OSError, ValueError) as e:
+    raise cli.UserError(f'{run.workdir}: {run.config_file} with its flags cannot be loaded: '
+                        f'{str(e).strip().splitlines()[-1]}') from None
+  return fv.config
+
+
+def _warmup_hint(run: SweepRun, config: ml_collections.ConfigDict) -> str:
+  """The override that fixes a warmup longer than a shortened run."""
+  steps = config.num_train_steps
+  return (f' The sweep shortens the run to {steps} steps but keeps its warmup of '
+          f'{config.optim.warmup_steps}: add --sweep.overrides.optim.warmup_steps='
+          f'{max(1, steps // 10)} (10% of the steps), or another value <= {steps}.')
+
+
+def validate_runs(runs: Sequence[SweepRun]) -> list[ml_collections.ConfigDict]:
+  """Every run's config, validated as train.py validates it; the first bad one raises a
+  UserError naming its workdir, the field and the override that fixes it."""
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  configs = []
+  for run in runs:
+    config = run_config(run)
+    try:
+      config_lib.validate(config)
+    except config_lib.ConfigError as e:
+      hint = _warmup_hint(run, config) if 'warmup_steps' in str(e) else ''
+      raise cli.UserError(f'{run.workdir}: {e}{hint}') from None
+    configs.append(config)
+  return configs
+
+
+_OVERRIDE_PREFIX = '--sweep.overrides.'
+_EXTRA: list[tuple[str, str]] = []
+
+
+def take_overrides(argv: Sequence[str]) -> list[str]:
+  """argv without its --sweep.overrides.<key>=<value> flags, kept for plan(): they may name any
+  config field (the sweep file's overrides hold only a few), and train.py parses the value."""
+  rest = []
+  for a in argv:
+    if a.startswith(_OVERRIDE_PREFIX):
+      key, sep, value = a[len(_OVERRIDE_PREFIX):].partition('=')
+      if not sep or not key:
+        raise cli.UserError(f'{a}: give the field and its value, as '
+                            f'{_OVERRIDE_PREFIX}optim.warmup_steps=4.')
+      _EXTRA.append((key, value))
+    else:
+      rest.append(a)
+  return rest
+
+
+def extra_overrides() -> tuple[tuple[str, str], ...]:
+  """The --sweep.overrides.<key>=<value> flags that take_overrides() took out of argv."""
+  return tuple(_EXTRA)
 
 
 def is_finished(workdir: str) -> bool:
@@ -180,7 +270,7 @@ def _close_log(log: Any, workdir: str) -> None:
 
 
 def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
-              train_script: str = 'train.py', skip_finished: bool = False,
+              train_script: str = '', skip_finished: bool = False,
               parallel: int = 1) -> list[SweepRun]:
   """Runs the runs (failures do not stop the sweep); returns the runs that failed.
 
@@ -232,13 +322,17 @@ def run_sweep(runs: Sequence[SweepRun], python: str = sys.executable,
 def define_flags() -> None:
   """Defines this tool's flags (only when run as a program)."""
   config_flags.DEFINE_config_file('sweep', None, 'The sweep config file (fields may be '
-                                  'overridden, e.g. --sweep.seeds="(0,)").')
+                                  'overridden, e.g. --sweep.seeds="(0,)"; '
+                                  '--sweep.overrides.<field>=<value> sets any config field of '
+                                  'every run).')
   flags.mark_flag_as_required('sweep')
-  flags.DEFINE_string('root', None, 'Folder under which the runs go.', required=True)
-  flags.DEFINE_bool('print_only', False, 'Print one command per line instead of running.')
+  flags.DEFINE_string('root', None, 'Folder under which the runs go (relative: to the working '
+                      'directory; gs:// as it is).', required=True)
+  flags.DEFINE_bool('print_only', False, 'Validate every run\'s config and print one command per '
+                    'line instead of running.')
   flags.DEFINE_bool('skip_finished', False, 'Leave out runs that have a summary.json.')
-  flags.DEFINE_string('train_script', 'train.py', 'The training entry point; a relative path '
-                      "not found here is taken from this package's clone.")
+  flags.DEFINE_string('train_script', '', 'The training entry point; default `python -m '
+                      'gpas_jax.train.launch` (train.py\'s program, from any folder).')
   flags.DEFINE_string('python', None, 'Interpreter; default this one (`python` when printing).')
   flags.DEFINE_integer('parallel', 1, 'Runs at once on this host, each pinned to its share of '
                        'the CPU cores (its output in WORKDIR.log); for CPU-only studies.')
@@ -249,25 +343,23 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
-  runs = plan(f.sweep, f.root)
+  runs = plan(f.sweep, cli.resolve_path(f.root), extra_overrides())
   try:
     core_groups(f.parallel)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  for run in runs:
-    if not os.path.isfile(split_config_arg(resolve(run.config_file))[0]):
-      raise app.UsageError(f'{run.config_file} (size {run.size}) does not exist.')
-  if f.print_only:  # Paths as the sweep file gives them: a scheduler runs them from the clone.
+  # Config files as every tool finds them: a package file portable, any other absolute.
+  runs = [dataclasses.replace(r, config_file=portable_config(r.config_file)) for r in runs]
+  validate_runs(runs)  # each run's config, before anything runs or is printed
+  train_script = cli.resolve_config(f.train_script) if f.train_script else ''
+  if train_script and not os.path.isfile(train_script):
+    raise app.UsageError(f'--train_script={f.train_script!r} does not exist; leave it out to '
+                         'run `python -m gpas_jax.train.launch`.')
+  if f.print_only:  # for a scheduler: commands that run from any folder
     for run in runs:
       if not (f.skip_finished and is_finished(run.workdir)):
-        print(shlex.join(command(run, f.python or 'python', f.train_script)))
+        print(shlex.join(command(run, f.python or 'python', train_script)))
     return
-  runs = [dataclasses.replace(r, config_file=resolve(r.config_file)) for r in runs]
-  train_script = resolve(f.train_script)
-  if not os.path.isfile(train_script):
-    raise app.UsageError(f'--train_script={f.train_script!r} does not exist (train.py is in the '
-                         'clone, not in an installed package): run from the clone, install it '
-                         'with `pip install -e .`, or pass the path of its train.py.')
   failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished,
                      f.parallel)
   if failed:
@@ -277,5 +369,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  with cli.readable_errors():
+    sys.argv = take_overrides(sys.argv)  # before config_flags reads sys.argv at definition
   define_flags()
-  app.run(main)
+  cli.run(main, file_flags=('sweep',))

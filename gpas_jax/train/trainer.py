@@ -65,15 +65,28 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     storage.write_json(path, json.loads(config.to_json_best_effort()))
 
 
-def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
+def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float | None, str]:
+  """(peak FLOP/s per device for MFU, where it comes from), printed in the start-up block."""
   kind = jax.devices()[0].device_kind
   dtype = config.model.compute_dtype
   peak = metrics_lib.peak_flops(kind, dtype)
-  if peak is None and jax.devices()[0].platform == 'cpu':
+  if peak is not None:
+    return peak, f'data sheet of {metrics_lib.chip_name(kind) or kind}, {dtype}'
+  if jax.devices()[0].platform == 'cpu':
     # The measured peak is the whole host's (all its cores): share it among the CPU devices of
     # this process (8 with --xla_force_host_platform_device_count=8), so MFU does not shrink 8x.
-    peak = cpu_peak.cpu_peak_flops('float32')[0] / jax.local_device_count()
-  return peak
+    host, source = cpu_peak.cpu_peak_flops('float32')
+    n = jax.local_device_count()
+    shared = f'the host\'s {host / 1e9:,.1f} GFLOP/s over {n} CPU devices; ' if n > 1 else ''
+    return host / n, shared + source
+  return None, f'no peak known for {kind}: MFU not reported'
+
+
+def _peak_row(peak: float | None, source: str) -> str:
+  """The start-up block's 'mfu peak' row: the number MFU divides by and its source."""
+  if peak is None:
+    return source
+  return f'{peak / 1e9:,.1f} GFLOP/s per device ({source})'
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -119,6 +132,7 @@ class _Run:
   t_start: float
   saver: Any = None
   writer: Any = None
+  peak: float | None = None
   guard: Any = None
   final: dict = dataclasses.field(default_factory=dict)
 
@@ -156,7 +170,8 @@ def _already_finished(workdir: str, summary: dict, total: int) -> dict[str, Any]
                     if summary.get(k) is not None)
   console.say(f'{workdir} holds a finished run (step {summary["step"]} of {total}): nothing to '
               f'train{" (" + evals + ")" if evals else ""}. Use a new --workdir, or raise '
-              'num_train_steps to train on.')
+              'num_train_steps to train on (the cosine then stretches over the new length; '
+              'the start-up block shows the lr before and after).')
   return {'step': summary['step'], 'finished': True, 'already_finished': True,
           **{k: summary[k] for k in ('eval_loss', 'eval_ppl', 'eval_loss_baseline',
                                      'eval_ppl_baseline') if summary.get(k) is not None}}
@@ -188,14 +203,23 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
     logging.info('No eval set (data.source=tokens without data.eval_tokens_path): eval skipped.')
   manager = ckpt.make_manager(workdir, config)
   state, resumed_from = _restore_or_init(config, workdir, s, train_iter, manager, total)
+  saved = storage.read_json(os.path.join(workdir, 'config.json')) or {}
   _record_config(config, workdir)  # only now: a refused resume leaves config.json as it was
   if jax.process_index() == 0:
     for name in ('metrics.jsonl', 'analysis.jsonl'):
       workdir_lib.repair_jsonl(storage.join(workdir, name))
   start = int(jax.device_get(state['step']))
+  peak, peak_source = _peak_flops(config)
+  rows = {'mfu peak': _peak_row(peak, peak_source)}
+  change = workdir_lib.schedule_change(config, saved, start) if resumed_from else None
+  if change:
+    rows['lr schedule'] = change
   console.say(console.run_header(config, s.mesh, s.abstract_state['params'], workdir,
-                                 resumed_from, total))
+                                 resumed_from, total, rows))
+  if change:
+    logging.warning('lr schedule %s.', change)
   run = _Run(config, workdir, s, total, train_iter, eval_batches, manager, state, start, t_start)
+  run.peak = peak
   run.saver = ckpt.Saver(manager)
   run.writer = metrics_lib.MetricWriter.from_config(config, workdir, resume_step=start)
   run.writer.total_steps = total
@@ -294,7 +318,7 @@ class _StepLogger:
     self.tokens_per_step = c.optim.global_batch_size * c.data.max_length
     self.flops = metrics_lib.training_flops_per_step(
         run.s.model_config, c.optim.global_batch_size, c.data.max_length)['total']
-    self.peak, self.num_devices = _peak_flops(c), run.s.mesh.size
+    self.peak, self.num_devices = run.peak, run.s.mesh.size
 
   def log(self, done: int, m: dict) -> None:
     """Writes the window ending at step `done` and starts the next one."""

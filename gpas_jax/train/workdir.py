@@ -161,3 +161,30 @@ def repair_jsonl(path: str) -> None:
   logging.warning('%s ended in a torn line (%d bytes, a run killed mid-write); removed it.', path,
                   len(data) - keep)
 
+
+def schedule_change(config: ml_collections.ConfigDict, saved: dict[str, Any],
+                    step: int) -> str | None:
+  """How resuming at `step` changes the lr schedule the workdir's run was started with (its
+  config.json), or None when it does not: a longer num_train_steps re-stretches the cosine."""
+  keys = ('num_train_steps', 'optim.lr', 'optim.warmup_steps', 'optim.min_lr_ratio')
+
+  def get(c: Any, key: str) -> Any:
+    for part in key.split('.'):
+      c = c.get(part) if hasattr(c, 'get') else None
+    return c
+  if not saved or step <= 0 or all(get(saved, k) is None for k in keys):
+    return None
+  changed = [k for k in keys if get(saved, k) is not None and get(saved, k) != get(config, k)]
+  if not changed:
+    return None
+  from gpas_jax.train import optim as optim_lib  # pylint: disable=import-outside-toplevel
+  old = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+  for k in changed:
+    *parents, field = k.split('.')
+    (old[parents[0]] if parents else old)[field] = get(saved, k)
+  lr_old = float(optim_lib.lr_schedule(old)(step))
+  lr_new = float(optim_lib.lr_schedule(config)(step))
+  what = ', '.join(f'{k} {get(saved, k)} -> {get(config, k)}' for k in changed)
+  return (f'changed on resume ({what}): the lr of update {step + 1} is {lr_new:.3g}, it was '
+          f'{lr_old:.3g} under the schedule the run started with (the cosine spans the new '
+          'length from here); keep the old values, or use a new --workdir, to avoid it')
