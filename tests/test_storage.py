@@ -25,9 +25,11 @@ from tests.helpers import DATA_CACHE
 from tests.helpers import tiny_train_config
 
 ROOT = gcs.ROOT
-# The reference run and the bucket runs: 12 steps, a checkpoint every 3, evals at 3, 6, ...
-_RUN = dict(num_train_steps=12, checkpoint_every_steps=3, eval_every_steps=6,
-            checkpoint_async=True)
+# The reference run and the bucket runs: 12 steps, a checkpoint every 3, evals at 6 and 12,
+# TensorBoard events and a profiler trace of steps 2-3 (each written where a local run writes).
+_RUN = {'num_train_steps': 12, 'checkpoint_every_steps': 3, 'eval_every_steps': 6,
+        'checkpoint_async': True, 'logging.tensorboard': True, 'profile.start_step': 2,
+        'profile.num_steps': 2}
 
 
 @pytest.fixture(scope='module')
@@ -249,6 +251,8 @@ def test_train_in_a_bucket_killed_after_a_save_resumes_bit_exactly(server, tmp_p
   ours, theirs = storage.walk(workdir), storage.walk(reference)
   top = lambda names: {n.split('/')[0] for n in names}
   assert top(ours) == top(theirs) - {lock_lib.LOCK_FILE}
+  assert {'tensorboard', 'profile', 'checkpoints', 'metrics.jsonl', 'summary.json'} <= top(ours)
+  assert any(n.endswith('perfetto_trace.json.gz') for n in ours)
   steps = lambda names: {n.split('/')[1] for n in names if n.startswith('checkpoints/')}
   assert steps(ours) == steps(theirs) == {'6', '9', '12'}  # checkpoint_keep=3
   assert storage.read_json(storage.join(workdir, 'summary.json'))['eval_loss'] == (
