@@ -1,6 +1,6 @@
 """docs/TPU.md's table: every paper size's plan on Cloud TPU slices, from the TPU compiler.
 
-  python -m gpas_jax.perf.tpu_table [--rows default,v5e-256,v5p-128,...] [--out FILE.jsonl]
+  python -m gpas_jax.perf.tpu_table [--rows priority|default|v5e-256|1b@v5e-8,...] [--out F.jsonl]
 
 Each row is a paper size (configs/llama_<size>.py) at the paper's global batch, pure bf16 and
 baseline_faithful, on one slice. 'default' rows compile the config's own plan (mesh over all
@@ -36,12 +36,27 @@ def paper_config(size: str):
   return c
 
 
+# The rows run first on a busy machine: the closing note's (each size on v5e-256 and v5p-128,
+# the defaults' claims), cheapest to compile first within a slice.
+PRIORITY = ('1b@v5e-256', 'default:7b@v5p-128', '7b@v5p-128', '71m@v5e-256', '350m@v5e-256',
+            '71m@v5p-128', '350m@v5p-128', '7b@v5e-256', '1b@v5p-128', '130m@v5e-256',
+            '250m@v5e-256', '130m@v5p-128', '250m@v5p-128', 'default:71m@v5e-8',
+            'default:130m@v5e-8', 'default:250m@v5e-8', 'default:350m@v5e-8')
+
+
 def rows_for(groups: list[str]) -> list[tuple[str, str, str]]:
-  """(kind, size, slice) of the groups asked for ('default' or slice names), in order."""
+  """(kind, size, slice) of the groups asked for, in order: 'priority' (PRIORITY), 'default'
+  (the configs' own plans), a slice name (every size on it), or [default:]size@slice."""
   out = []
   for g in groups:
-    if g == 'default':
+    if g == 'priority':
+      out += rows_for(list(PRIORITY))
+    elif g == 'default':
       out += [('default', size, sl) for size, sl in DEFAULTS]
+    elif '@' in g:
+      kind, _, spec = g.rpartition(':')
+      size, _, sl = spec.partition('@')
+      out.append((kind or 'best', size, sl))
     else:
       out += [('best', size, g) for size in SIZES]
   return out
@@ -94,8 +109,9 @@ def main(argv: list[str]) -> None:
   """Runs the rows asked for, appending each to --out; prints the markdown table."""
   import argparse  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--rows', default='default,v5e-256,v5p-128',
-                 help=f'comma-separated groups: default, or slices ({", ".join(SLICE_ORDER)})')
+  p.add_argument('--rows', default='priority',
+                 help='comma-separated: priority, default, a slice '
+                      f'({", ".join(SLICE_ORDER)}), or [default:]size@slice')
   p.add_argument('--sizes', default=','.join(SIZES))
   p.add_argument('--out', default='tpu_table.jsonl')
   p.add_argument('--markdown', default='', help='print the table of this JSON-lines file only')
