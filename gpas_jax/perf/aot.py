@@ -2,6 +2,8 @@
 
   python -m gpas_jax.perf.aot --config configs/llama_7b.py --mesh 1,64,1 --chip v5p [--remat full]
   python -m gpas_jax.perf.aot --compile_study          # compile time vs depth, scanned vs unscanned
+  python -m gpas_jax.perf.aot --topology v5e-256 --config configs/llama_1b.py [--search] [--json]
+                                                     # the TPU compiler (tpu_plan.py), docs/TPU.md
 
 The train step of gpas_jax.train.steps is lowered on abstract arrays (`steps.setup(...).abstract_state`
 and an abstract batch of `optim.global_batch_size` x `data.max_length` tokens) over a mesh of fake

@@ -100,7 +100,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f'{r["micro_batches"]} | {r["remat_policy"]} | {r["peak_bytes_per_chip"] / gib:.2f} '
         f'({r["hbm_bytes_per_chip"] / gib:.0f}) | {"yes" if r["fits"] else "NO"} | '
         + (f'{step:.3f} | {r["tokens_per_s_per_chip"]:,.0f} | {100 * r["estimated_mfu"]:.1f}% | '
-           f'{wall / 3600:.1f} h | {hours:,.0f} |' if ok else ' | | | | |')
+           f'{wall / 3600:.2f} h | {hours:,.1f} |' if ok else ' | | | | |')
         + f' {r["compile_s"]:.0f} |')
   return '\n'.join(lines)
 
