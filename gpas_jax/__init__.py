@@ -20,7 +20,10 @@ one above), so a reader can start at the bottom and meet nothing unexplained. Bo
 LAYERS is that order; tests/test_layers.py reads every module's imports and holds it.
 """
 
+import glob
+import importlib.util
 import os
+import sys
 
 # The folder holding gpas_jax/ and configs/: the clone, or site-packages once installed.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +39,40 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ('baseline',),
     ('perf',),
 )
+
+
+# Accelerator plugins besides libtpu: with one of them, JAX's own platform choice is kept.
+_GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin')
+
+
+def _tpu_chip_present() -> bool:
+  """A TPU on this host: a Google PCI device (vendor 0x1ae0, what JAX checks) or its nodes."""
+  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(path, encoding='ascii') as f:
+        if f.read().strip() == '0x1ae0':
+          return True
+    except OSError:
+      continue
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def skip_absent_tpu() -> bool:
+  """On a host with libtpu installed (the tpu extra) but no TPU, JAX uses the CPU directly.
+
+  Otherwise every JAX start tries the TPU first and prints libtpu's errors (no accelerator type,
+  no worker hostnames) before falling back to the CPU. Sets JAX_PLATFORMS=cpu (inherited by
+  subprocesses) unless the user chose platforms, forces TPU init, or a GPU plugin is installed;
+  a TPU VM is left alone. The TPU compiler still runs (gpas_jax.perf.tpu_plan). True if set.
+  """
+  if ('JAX_PLATFORMS' in os.environ or 'JAX_FORCE_TPU_INIT' in os.environ
+      or importlib.util.find_spec('libtpu') is None
+      or any(importlib.util.find_spec(p) for p in _GPU_PLUGINS) or _tpu_chip_present()):
+    return False
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if 'jax' in sys.modules:  # imported already: its config read the environment before this
+    sys.modules['jax'].config.update('jax_platforms', 'cpu')
+  return True
+
+
+skip_absent_tpu()

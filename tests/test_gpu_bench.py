@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 import time
 
 from gpas_jax.perf import bench_report
@@ -12,7 +13,10 @@ SCRIPT = os.path.join(ROOT, 'scripts', 'gpu_bench.sh')
 
 
 def _env(**extra):
+  """The script runs this interpreter (a venv's python the suite runs under, activated or not)."""
   env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'SIZES', 'CPU_SMOKE')}
+  env['PYTHON'] = sys.executable
+  env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
   env.update(extra)
   return env
 

@@ -29,6 +29,10 @@ def test_pyproject_matches_the_requirements_files():
   torch = [p for p in extras['test'] if p.startswith('torch')]
   assert extras['torch'] == torch and torch[0].startswith('torch==')  # never unpinned
   assert any(p.startswith('tensorboard==') for p in extras['tensorboard'])
+  # libtpu for the TPU compiler: pinned, the same pin as requirements-tpu.txt; CI installs it.
+  assert set(extras['tpu']) == _pins(ROOT / 'requirements-tpu.txt')
+  assert all(p.startswith('libtpu==') for p in extras['tpu'])
+  assert '.[test,tpu]' in (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
   # configs ships as a package, so `from configs import base` works once installed.
   assert {'configs', 'configs.*'} <= set(setup['packages']['find']['include'])
   assert (ROOT / 'configs' / '__init__.py').exists()

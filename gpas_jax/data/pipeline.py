@@ -184,15 +184,16 @@ def make_train_iterator(config: ml_collections.ConfigDict, process_index: int | 
 class EvalBatches:
   """A re-iterable view of this host's eval batches; each iteration reads them afresh."""
 
-  def __init__(self, config: ml_collections.ConfigDict, process_index: int, process_count: int):
+  def __init__(self, config: ml_collections.ConfigDict, process_index: int, process_count: int,
+               rows: int | None = None):
     d = config.data
     self._h = process_index
-    self._global = d.eval_batch_size
-    self._rows = _rows_per_host(d.eval_batch_size, 'data.eval_batch_size', process_count)
+    self._global = rows or d.eval_batch_size
+    self._rows = _rows_per_host(self._global, 'data.eval_batch_size', process_count)
     self._budget = d.eval_tokens
     self._layout, self._length, self._pad_id, self._eos_id = (
         d.layout, d.max_length, d.pad_id, d.eos_id)
-    self._token_rows = tokens.EvalRows(config) if d.source == 'tokens' else None
+    self._token_rows = tokens.EvalRows(config, self._global) if d.source == 'tokens' else None
     if self._token_rows is not None:
       self._description = self._token_rows.description
       return
@@ -238,8 +239,12 @@ class EvalBatches:
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, process_index: int | None = None,
-                      process_count: int | None = None) -> EvalBatches | None:
+                      process_count: int | None = None,
+                      rows: int | None = None) -> EvalBatches | None:
   """Returns a re-iterable of this host's eval batches (eval_batch_size/process_count rows each).
+
+  rows: global rows per batch instead of eval_batch_size (steps.eval_rows: whole eval_batch_size
+  batches that split over the mesh).
 
   None for data.source='tokens' without data.eval_tokens_path: such a run has no eval set.
   """
@@ -247,4 +252,4 @@ def make_eval_batches(config: ml_collections.ConfigDict, process_index: int | No
   validate.validate_data(config, p)
   if config.data.source == 'tokens' and not config.data.eval_tokens_path:
     return None
-  return EvalBatches(config, h, p)
+  return EvalBatches(config, h, p, rows)

@@ -203,12 +203,12 @@ def train_iterator(config: ml_collections.ConfigDict, host: int, hosts: int
 class EvalRows:
   """The eval token rows in order, as global batches of data.eval_batch_size (re-iterable)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, size: int | None = None):
     d = config.data
     self.rows = load_rows(d.eval_tokens_path, config, 'data.eval_tokens_path')
     self.description = description(d.eval_tokens_path, self.rows, d.layout)
-    self._size, self._layout, self._pad, self._eos = (d.eval_batch_size, d.layout, d.pad_id,
-                                                      d.eos_id)
+    self._size, self._layout, self._pad, self._eos = (size or d.eval_batch_size, d.layout,
+                                                      d.pad_id, d.eos_id)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     for start in range(0, len(self.rows), self._size):

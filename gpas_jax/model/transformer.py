@@ -197,10 +197,11 @@ def target_weights(input_ids_BxT: jax.Array, segment_ids_BxT: jax.Array | None =
 def lm_loss(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array,
             segment_ids_BxT: jax.Array | None = None, pad_id: int = 0,
             weights_BxT: jax.Array | None = None,
-            loss_dtype: str = 'float32') -> tuple[jax.Array, jax.Array]:
+            loss_dtype: str = 'float32', chunks: int = 1) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy and the count of counted targets.
 
-  Without weights: the mean over counted targets. With weights (per position, zero where a
+  Without weights: the mean over counted targets; with chunks > 1 (and no weights), one mean
+  and one count per chunk of B / chunks consecutive rows, [chunks] each. With weights (per position, zero where a
   target does not count; see chunk_weights): the weighted sum. loss_dtype 'float32' takes the
   softmax of float32 logits; 'compute' rounds the log-probabilities to the logits' dtype, as
   torch's cross-entropy on bf16 logits does.
@@ -216,6 +217,12 @@ def lm_loss(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array,
   else:
     ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxT)
   count = jnp.sum(mask_BxT)
+  if weights_BxT is None and chunks > 1:
+    b, t = mask_BxT.shape
+    mask_KxN = mask_BxT.reshape(chunks, (b // chunks) * t)
+    count_K = jnp.sum(mask_KxN, axis=1)
+    sum_K = jnp.sum((ce_BxT.reshape(mask_KxN.shape) * mask_KxN.astype(ce_BxT.dtype)), axis=1)
+    return sum_K / count_K, count_K
   if weights_BxT is None:
     return jnp.sum(ce_BxT * mask_BxT.astype(ce_BxT.dtype)) / count, count
   return jnp.sum(ce_BxT * weights_BxT.astype(ce_BxT.dtype)), count

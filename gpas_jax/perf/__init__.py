@@ -7,6 +7,7 @@
   bench_report  per-round ratios, intervals and the report
   bench_worker  the worker processes' entry point
   aot           python -m gpas_jax.perf.aot: compile a config for a mesh without allocating it
+                (--topology: the TPU compiler, tpu_plan / tpu_search; tpu_table: docs/TPU.md)
 
 May import: every layer below.
 """

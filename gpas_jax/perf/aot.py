@@ -2,6 +2,8 @@
 
   python -m gpas_jax.perf.aot --config configs/llama_7b.py --mesh 1,64,1 --chip v5p [--remat full]
   python -m gpas_jax.perf.aot --compile_study          # compile time vs depth, scanned vs unscanned
+  python -m gpas_jax.perf.aot --topology v5e-256 --config configs/llama_1b.py [--search] [--json]
+                                                     # the TPU compiler (tpu_plan.py), docs/TPU.md
 
 The train step of gpas_jax.train.steps is lowered on abstract arrays (`steps.setup(...).abstract_state`
 and an abstract batch of `optim.global_batch_size` x `data.max_length` tokens) over a mesh of fake
@@ -212,7 +214,81 @@ def compile_study(layers_scanned=(12, 24), unscanned: int = 24, hidden: int = 76
   return results
 
 
+def _tpu_main(f, c) -> None:
+  """--topology: the TPU compiler (libtpu) compiles the train and eval steps for the slice."""
+  import json  # pylint: disable=import-outside-toplevel
+  from gpas_jax.perf import tpu_plan, tpu_search  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')  # the host's own backend: no TPU to attach here
+  name = f'{c.get("size_name", "")} {c.model.norm_type}'
+  if f.num_slices < 1:
+    raise app_usage(f'--num_slices={f.num_slices}: give 1 or more slices.')
+  c.mesh.dcn_data = f.num_slices
+  if f.mesh:
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = parse_mesh(f.mesh)
+  if f.search:
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if f.json else print
+    log(f'{name} on {f.num_slices} x {f.topology}: candidates compiled by the TPU compiler '
+        '(every figure its estimate)')
+    log(tpu_search.HEADER)
+    res = tpu_search.search(c, f.topology, f.num_slices, f.max_compiles, log=log)
+    best = res['best']
+    if f.json:
+      print(json.dumps(best or res['tried'][0] if res['tried'] else {}, default=float))
+      return
+    if best is None:
+      print('no candidate fits: raise micro_batches, use remat full, or a larger slice.')
+      return
+    print(f'best (estimated {best["estimated_step_s"]:.4f} s/step, MFU '
+          f'{100 * best["estimated_mfu"]:.1f}%): {tpu_search.flags(c, best)}')
+    return
+  r = tpu_plan.compile_steps(c, f.topology, f.num_slices)
+  if f.json:
+    print(json.dumps(r, default=float))
+    return
+  print(format_tpu(r, f'{name}: '))
+
+
+def app_usage(msg: str) -> SystemExit:
+  """A one-line refusal of a command-line value."""
+  return SystemExit(f'error: {msg}')
+
+
+def format_tpu(r: dict[str, Any], title: str = '') -> str:
+  """Human-readable lines of a tpu_plan.compile_steps report."""
+  mesh = ', '.join(f'{k} {v}' for k, v in r['mesh'].items())
+  hbm = r['hbm_bytes_per_chip']
+  lines = [f'{title}compiler: XLA:TPU (libtpu), {r["num_slices"]} x {r["topology"]} = '
+           f'{r["devices"]} chips, mesh ({mesh}); batch {r["batch"]} x {r["seq"]} (micro-batches '
+           f'{r["micro_batches"]}); remat {r["remat_policy"]}, scan {r["scan_layers"]}, '
+           f'attention {r["attention_impl"]}, {r["param_dtype"]}/{r["compute_dtype"]}',
+           f'  train step: compile {r["compile_s"]:.1f} s']
+  peak = r['peak_bytes_per_chip']
+  verdict = 'FITS' if r['fits'] else f'DOES NOT FIT by {(peak - hbm) / GIB:.2f} GiB'
+  lines.append(f'  per chip (compiler memory_analysis): peak {peak / GIB:.2f} GiB of '
+               f'{hbm / GIB:.0f} GiB HBM -> {verdict}')
+  if not r['fits'] and 'refusal' in r:
+    lines.append(f'  the compiler: {r["refusal"]}')
+  if 'cost' in r:
+    cost = r['cost']
+    lines.append(f'  per chip (compiler cost_analysis, loop bodies scaled by {r["loop_ratio"]:.1f}'
+                 f'): {cost["flops"] / 1e12:.3f} TFLOP ({r["xla_over_model_flops"]:.2f}x the '
+                 f'model FLOPs), {cost["bytes accessed"] / GIB:.2f} GiB accessed')
+    lines.append(f'  estimated step ({r["step_estimate"]}) {r["estimated_step_s"]:.4f} s: '
+                 f'{r["tokens_per_s_per_chip"]:.0f} tokens/s/chip, MFU '
+                 f'{100 * r["estimated_mfu"]:.1f}% of {r["peak_flops_per_chip"] / 1e12:.0f} '
+                 f'TFLOP/s bf16')
+  ev = r.get('eval')
+  if ev:
+    lines.append(f'  eval step ({ev["rows"]} rows): compile {ev["compile_s"]:.1f} s, '
+                 + (f'peak {ev["peak_bytes_per_chip"] / GIB:.2f} GiB, estimated '
+                    f'{ev["estimated_s"]:.4f} s' if 'peak_bytes_per_chip' in ev
+                    else f'refused: {ev.get("refusal", "")}'))
+  return '\n'.join(lines)
+
+
 def main(argv: list[str]) -> None:
+  """The command line: --topology (TPU compiler), --search, or the fake-CPU plan."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   del argv
@@ -227,21 +303,32 @@ def main(argv: list[str]) -> None:
     if f.json:
       print(json.dumps(r))
     return
-  data, fsdp, tensor = parse_mesh(f.mesh)
-  use_fake_cpu_devices(data * fsdp * tensor)
   c = f.config
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = data, fsdp, tensor, 1
   if f.remat:
     c.model.remat_policy = f.remat
   if f.batch:
     c.optim.global_batch_size = f.batch
-  # The eval batch only has to split over the mesh; it is not compiled here.
-  shards = data * fsdp
-  c.data.eval_batch_size = max(shards, c.data.eval_batch_size // shards * shards)
+  if f.topology:
+    _tpu_main(f, c)
+    return
+  if f.search:
+    raise app_usage('--search compiles with the TPU compiler: give --topology (e.g. v5e-256).')
+  data, fsdp, tensor = parse_mesh(f.mesh or '1,64,1')
+  use_fake_cpu_devices(data * fsdp * tensor)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = data, fsdp, tensor, 1
   p = plan(c, f.chip)
-  print(format_plan(p, f'{c.get("size_name", "")} {c.model.norm_type}: '), flush=True)
+  p['compiler'] = 'cpu'
+  p['topology'] = f'{data * fsdp * tensor} fake CPU devices'
+  if 'memory_analysis_bytes' in p:
+    p['peak_bytes_per_chip'] = p['memory_analysis_bytes']['peak_estimate']
+  p['hbm_bytes_per_chip'] = p.get('hbm_bytes')
+  p['estimated_step_s'] = p['estimated_mfu'] = None  # XLA:CPU has no TPU step estimate
   if f.json:
     print(json.dumps(p, default=float))
+    return
+  print('compiler: XLA:CPU on fake devices (install the tpu extra and give --topology for the '
+        'TPU compiler)\n' + format_plan(p, f'{c.get("size_name", "")} {c.model.norm_type}: '),
+        flush=True)
 
 
 def _define_flags() -> None:
@@ -249,13 +336,20 @@ def _define_flags() -> None:
   from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
   cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'llama_7b.py'),
                          'A config file; override fields with --config.<field>=<value>.')
-  flags.DEFINE_string('mesh', '1,64,1', 'data,fsdp,tensor mesh of fake CPU devices.')
-  flags.DEFINE_string('chip', 'v5p', f'HBM table entry: {", ".join(HBM_GIB)}.')
+  flags.DEFINE_string('topology', '', 'A Cloud TPU slice (v5e-256, v5p-128, ...) or topology '
+                      '(v5e:16x16): compile with the TPU compiler (needs the tpu extra).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over DCN (hybrid mesh).')
+  flags.DEFINE_bool('search', False, 'With --topology: compile candidate plans, rank them by the '
+                    "compiler's estimated step time, print the best one's --config. flags.")
+  flags.DEFINE_integer('max_compiles', 3, '--search: candidates compiled at most.')
+  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor (default: 1,64,1 fake CPU devices; with '
+                      '--topology the config\'s mesh; data counts all slices).')
+  flags.DEFINE_string('chip', 'v5p', f'HBM table entry of the fake-CPU plan: {", ".join(HBM_GIB)}.')
   flags.DEFINE_enum('remat', '', ['', 'none', 'full', 'save_dots'],
                     'model.remat_policy (default: the config\'s).')
   flags.DEFINE_integer('batch', 0, 'Global batch in sequences (default: the config\'s).')
   flags.DEFINE_bool('compile_study', False, 'Measure compile time vs depth and scanning instead.')
-  flags.DEFINE_bool('json', False, 'Also print the figures as one JSON object.')
+  flags.DEFINE_bool('json', False, 'Print the report as one JSON object on stdout.')
 
 
 if __name__ == '__main__':

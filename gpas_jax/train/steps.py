@@ -45,9 +45,26 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.
         f'{config.optim.global_batch_size} / optim.micro_batches={config.optim.micro_batches}) '
         f'does not split over mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = '
         f'{shards} devices; make it a multiple of {shards}.')
-  if config.data.eval_batch_size % shards:
-    raise sharding.MeshError(f'data.eval_batch_size={config.data.eval_batch_size} does not split '
-                             f'over mesh data x fsdp = {shards} devices.')
+
+
+# Attention implementations without a lowering on a platform (cuDNN is NVIDIA's library).
+NO_LOWERING = {'tpu': ('cudnn',), 'cpu': ('cudnn',)}
+
+
+def check_attention_lowers(impl: str, platform: str) -> None:
+  """An attention implementation the devices cannot run is refused before compiling."""
+  if impl in NO_LOWERING.get(platform, ()):
+    ok = [i for i in config_lib.ATTENTION_IMPLS if i not in NO_LOWERING[platform]]
+    raise config_lib.ConfigError(f'model.attention_impl={impl!r} has no {platform.upper()} '
+                                 f'lowering; use one of {", ".join(ok)}.')
+
+
+def eval_rows(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+  """Rows of one global eval batch: the fewest whole data.eval_batch_size batches (the baseline's
+  per-GPU batch) that split over mesh data x fsdp, lcm(eval_batch_size, shards); the eval step
+  returns one token mean per eval_batch_size rows, so eval_loss keeps the baseline's definition
+  on any mesh (1b on 256 chips: 8 batches of 32 rows per global batch of 256)."""
+  return math.lcm(config.data.eval_batch_size, mesh.shape['data'] * mesh.shape['fsdp'])
 
 
 def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
@@ -56,6 +73,7 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
   mcfg = model_lib.ModelConfig.from_config(config_lib.model_section(config))
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_fits_mesh(config, mesh)
+  check_attention_lowers(mcfg.attention_impl, mesh.devices.flat[0].platform)
   rules = sharding.rules_from_config(config)
   tx = optim.make_optimizer(config)
   create = lambda: model_lib.Transformer(mcfg, nnx.Rngs(params=config.seed))
@@ -100,8 +118,9 @@ def init_state(s: Setup, params: Any = None) -> dict[str, Any]:
     return jax.jit(init, out_shardings=s.state_shardings)()
 
 
-def _loss_fn(s: Setup, weighted: bool) -> Callable:
-  """(params, batch) -> (loss, counted targets); weighted: batch['weights'] sums the loss."""
+def _loss_fn(s: Setup, weighted: bool, eval_chunks: bool = False) -> Callable:
+  """(params, batch) -> (loss, counted targets); weighted: batch['weights'] sums the loss;
+  eval_chunks: one mean and count per data.eval_batch_size rows ([chunks] each, if several)."""
   packed = s.config.data.layout == 'packed'
   pad_id = s.config.data.pad_id
   loss_dtype = config_lib.effective(s.config, 'model.loss_dtype')
@@ -110,8 +129,10 @@ def _loss_fn(s: Setup, weighted: bool) -> Callable:
     model = nnx.merge(s.graphdef, params, s.rest)
     seg = batch['segment_ids'] if packed else None  # the baseline's layout: plain causal
     logits = model(batch['input_ids'], seg)
+    rows, size = batch['input_ids'].shape[0], s.config.data.eval_batch_size
+    chunks = rows // size if eval_chunks and rows % size == 0 else 1
     return model_lib.lm_loss(logits, batch['input_ids'], seg, pad_id,
-                             batch['weights'] if weighted else None, loss_dtype)
+                             batch['weights'] if weighted else None, loss_dtype, chunks)
 
   return loss_fn
 
@@ -157,8 +178,9 @@ def make_train_step(s: Setup) -> Callable:
 
 
 def make_eval_step(s: Setup) -> Callable:
-  """The jitted eval step: (token-mean loss, counted targets) of one batch."""
-  return _jit_in_mesh(s, _loss_fn(s, weighted=False),
+  """The jitted eval step: (token-mean loss, counted targets) of one batch; of each of its
+  data.eval_batch_size-row batches ([chunks] each) for a global batch of several (eval_rows)."""
+  return _jit_in_mesh(s, _loss_fn(s, weighted=False, eval_chunks=True),
                       (s.state_shardings['params'], _batch_shardings(s)), _replicated(s))
 
 
@@ -200,13 +222,16 @@ def evaluate(s: Setup, eval_step: Callable, params: Any, batches: Iterator) -> d
   """The mean of per-batch token means over the eval budget, and the value the paper reports.
 
   eval_loss_baseline is the release's `sum of batch means / (batches + 1)` (biased low by one
-  batch in n + 1), over batches of data.eval_batch_size rows (the release: its per-GPU batch).
+  batch in n + 1), over batches of data.eval_batch_size rows (the release: its per-GPU batch),
+  also where a global eval batch holds several of them (eval_rows: 256 chips, per-GPU 32).
   """
   losses = []
   for local in batches:
     loss, count = eval_step(params, global_batch(s, local))
-    if float(count) > 0:
-      losses.append(float(loss))
+    # A global batch of several eval_batch_size batches (eval_rows) gives one mean per batch.
+    for l, n in zip(np.atleast_1d(np.asarray(loss)), np.atleast_1d(np.asarray(count))):
+      if float(n) > 0:
+        losses.append(float(l))
   if not losses:
     raise ValueError('the eval split gave no batch with a counted target; check data.eval_*.')
   eval_loss = float(np.mean(losses))

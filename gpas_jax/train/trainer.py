@@ -198,7 +198,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
   """Start-up: mesh and state shardings, data, resume or init; then config.json and the header."""
   s = steps.setup(config, devices)
   train_iter = data_lib.make_train_iterator(config)
-  eval_batches = data_lib.make_eval_batches(config)
+  eval_batches = data_lib.make_eval_batches(config, rows=steps.eval_rows(config, s.mesh))
   if eval_batches is None:
     logging.info('No eval set (data.source=tokens without data.eval_tokens_path): eval skipped.')
   manager = ckpt.make_manager(workdir, config)

@@ -1,0 +1,144 @@
+"""docs/TPU.md's table: every paper size's plan on Cloud TPU slices, from the TPU compiler.
+
+  python -m gpas_jax.perf.tpu_table [--rows priority|default|v5e-256|1b@v5e-8,...] [--out F.jsonl]
+
+Each row is a paper size (configs/llama_<size>.py) at the paper's global batch, pure bf16 and
+baseline_faithful, on one slice. 'default' rows compile the config's own plan (mesh over all
+chips, its micro_batches: 71m..350m on v5e-8, 1b on v5e-256, 7b on v5p-128) with its eval step;
+slice rows run tpu_search.search with first_fit (the analytically cheapest candidate the
+compiler accepts; up to 3 compiles). Rows are appended to --out as JSON lines as they finish,
+and the markdown table is printed from that file (--markdown FILE.jsonl prints it alone).
+"""
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import gpas_jax
+
+SIZES = ('71m', '130m', '250m', '350m', '1b', '7b')
+DEFAULTS = (('71m', 'v5e-8'), ('130m', 'v5e-8'), ('250m', 'v5e-8'), ('350m', 'v5e-8'),
+            ('1b', 'v5e-256'), ('7b', 'v5p-128'))
+SLICE_ORDER = ('v5e-256', 'v5p-128', 'v5e-8', 'v5e-64', 'v5p-8', 'v5p-32', 'v6e-8', 'v6e-256',
+               'v4-32')
+
+
+def paper_config(size: str):
+  """configs/llama_<size>.py in pure bf16 with baseline_faithful (the table's setting)."""
+  sys.path.insert(0, gpas_jax.ROOT)
+  import importlib  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f'configs.llama_{size}').get_config()
+  c.model.param_dtype = c.model.compute_dtype = 'bfloat16'
+  c.baseline_faithful = True
+  return c
+
+
+# The rows run first on a busy machine: the closing note's (each size on v5e-256 and v5p-128,
+# the defaults' claims), cheapest to compile first within a slice.
+PRIORITY = ('1b@v5e-256', 'default:7b@v5p-128', '7b@v5p-128', '71m@v5e-256', '350m@v5e-256',
+            '71m@v5p-128', '350m@v5p-128', '7b@v5e-256', '1b@v5p-128', '130m@v5e-256',
+            '250m@v5e-256', '130m@v5p-128', '250m@v5p-128', 'default:71m@v5e-8',
+            'default:130m@v5e-8', 'default:250m@v5e-8', 'default:350m@v5e-8')
+
+
+def rows_for(groups: list[str]) -> list[tuple[str, str, str]]:
+  """(kind, size, slice) of the groups asked for, in order: 'priority' (PRIORITY), 'default'
+  (the configs' own plans), a slice name (every size on it), or [default:]size@slice."""
+  out = []
+  for g in groups:
+    if g == 'priority':
+      out += rows_for(list(PRIORITY))
+    elif g == 'default':
+      out += [('default', size, sl) for size, sl in DEFAULTS]
+    elif '@' in g:
+      kind, _, spec = g.rpartition(':')
+      size, _, sl = spec.partition('@')
+      out.append((kind or 'best', size, sl))
+    else:
+      out += [('best', size, g) for size in SIZES]
+  return out
+
+
+def run_row(kind: str, size: str, slice_name: str) -> dict[str, Any]:
+  """Compiles one row; the report with the row's kind, size, slice and wall seconds."""
+  from gpas_jax.perf import tpu_plan, tpu_search  # pylint: disable=import-outside-toplevel
+  c = paper_config(size)
+  t0 = time.perf_counter()
+  if kind == 'default':
+    r = tpu_plan.compile_steps(c, slice_name)
+  else:
+    res = tpu_search.search(c, slice_name, max_compiles=3, first_fit=True, with_eval=False,
+                            log=lambda line: print(f'  {size} {slice_name}: {line}', flush=True))
+    r = res['best'] or (res['tried'][-1] if res['tried'] else {'fits': False})
+    r['compiles'] = len(res['tried'])
+  r.update(kind=kind, size=size, slice=slice_name, wall_s=time.perf_counter() - t0,
+           num_train_steps=c.num_train_steps, tokens_per_step=c.optim.global_batch_size
+           * c.data.max_length)
+  return r
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+  """The table of finished rows (every figure the TPU compiler's estimate)."""
+  gib = 1024.0 ** 3
+  lines = ['| size | slice | plan | mesh d/f/t | micro | remat | peak GiB/chip (of HBM) | fits | '
+           'est. step s | tokens/s/chip | est. MFU | est. wall (paper tokens) | chip-hours | '
+           'compile s |', '|' + '---|' * 14]
+  for r in rows:
+    if 'mesh' not in r:
+      lines.append(f'| {r["size"]} | {r["slice"]} | {r["kind"]} | refused: '
+                   f'{r.get("error", "")} |' + ' |' * 10)
+      continue
+    m, step = r['mesh'], r['estimated_step_s']
+    ok = r['fits'] and not math.isnan(step)
+    wall = step * r['num_train_steps'] if ok else math.nan
+    hours = wall * r['devices'] / 3600 if ok else math.nan
+    lines.append(
+        f'| {r["size"]} | {r["slice"]} | {r["kind"]} | {m["data"]}/{m["fsdp"]}/{m["tensor"]} | '
+        f'{r["micro_batches"]} | {r["remat_policy"]} | {r["peak_bytes_per_chip"] / gib:.2f} '
+        f'({r["hbm_bytes_per_chip"] / gib:.0f}) | {"yes" if r["fits"] else "NO"} | '
+        + (f'{step:.3f} | {r["tokens_per_s_per_chip"]:,.0f} | {100 * r["estimated_mfu"]:.1f}% | '
+           f'{wall / 3600:.2f} h | {hours:,.1f} |' if ok else ' | | | | |')
+        + f' {r["compile_s"]:.0f} |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  """Runs the rows asked for, appending each to --out; prints the markdown table."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--rows', default='priority',
+                 help='comma-separated: priority, default, a slice '
+                      f'({", ".join(SLICE_ORDER)}), or [default:]size@slice')
+  p.add_argument('--sizes', default=','.join(SIZES))
+  p.add_argument('--out', default='tpu_table.jsonl')
+  p.add_argument('--markdown', default='', help='print the table of this JSON-lines file only')
+  a = p.parse_args(argv)
+  if a.markdown:
+    with open(a.markdown, encoding='utf-8') as f:
+      print(markdown([json.loads(l) for l in f if l.strip()]))
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')
+  sizes = set(a.sizes.split(','))
+  t0 = time.perf_counter()
+  done = []
+  for kind, size, sl in rows_for(a.rows.split(',')):
+    if size not in sizes:
+      continue
+    try:
+      r = run_row(kind, size, sl)
+    except Exception as e:  # pylint: disable=broad-except
+      r = {'kind': kind, 'size': size, 'slice': sl, 'error': str(e).splitlines()[0][:200]}
+    print(f'[{time.perf_counter() - t0:.0f} s] {kind} {size} {sl}: '
+          f'{"fits" if r.get("fits") else "does not fit / refused"}', flush=True)
+    done.append(r)
+    with open(a.out, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(r, default=float) + '\n')
+  print(markdown(done))
+  print(f'total {time.perf_counter() - t0:.0f} s')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
