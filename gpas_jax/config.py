@@ -227,11 +227,8 @@ def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
     raise ConfigError(
         f'optim.ddp_world_size={world} does not divide optim.loss_chunks={chunks}; the '
         'release\'s chunks are its GPUs x accumulation steps, so loss_chunks is a multiple of it.')
-  if effective(c, 'optim.grad_accumulation') == 'torch' and c.optim.micro_batches > chunks:
-    raise ConfigError(
-        f'optim.micro_batches={c.optim.micro_batches} is more than optim.loss_chunks={chunks}: '
-        "with optim.grad_accumulation='torch' (baseline_faithful) each chunk is one backward, "
-        f'so a step already holds one chunk\'s activations; set micro_batches <= {chunks}.')
+  # Under 'torch' micro_batches has no effect: a step holds one chunk's activations, and a chunk
+  # cannot be split further without changing its rounding.
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

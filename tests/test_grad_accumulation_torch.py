@@ -204,7 +204,7 @@ def test_float32_release_gradient_equals_the_weighted_gradient(world, chunks):
 
 
 def test_faithful_turns_it_on_and_bad_values_are_refused_before_compiling():
-  """baseline_faithful implies it; a bad value, world size or micro-batch count: one-line errors."""
+  """baseline_faithful implies it; a bad value or world size: one-line errors before compiling."""
   c = tiny_train_config(**{'optim.global_batch_size': 8, 'optim.loss_chunks': 4})
   c.baseline_faithful = True
   assert config_lib.effective(c, 'optim.grad_accumulation') == 'torch'
@@ -212,8 +212,7 @@ def test_faithful_turns_it_on_and_bad_values_are_refused_before_compiling():
   for field, value, message in [
       ('grad_accumulation', 'nccl', "optim.grad_accumulation='nccl' is not supported"),
       ('ddp_world_size', 3, 'optim.ddp_world_size=3 does not divide optim.loss_chunks=4'),
-      ('ddp_world_size', 0, 'optim.ddp_world_size=0 must be a positive integer'),
-      ('micro_batches', 8, 'optim.micro_batches=8 is more than optim.loss_chunks=4')]:
+      ('ddp_world_size', 0, 'optim.ddp_world_size=0 must be a positive integer')]:
     bad = tiny_train_config(**{'optim.global_batch_size': 8, 'optim.loss_chunks': 4,
                                f'optim.{field}': value})
     bad.baseline_faithful = True
