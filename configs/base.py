@@ -120,6 +120,13 @@ def get_config() -> ml_collections.ConfigDict:
   # rows [k*b, (k+1)*b) of the global batch (b = batch / loss_chunks); 1 = one token mean. The
   # baseline's chunks are its GPUs x accumulation steps. micro_batches (memory) never changes it.
   o.loss_chunks = 1
+  # How the gradient of those chunks is formed: 'weighted' (one backward of the chunk-weighted
+  # batch loss) | 'torch' (the release's: a backward per chunk in the compute dtype, summed into
+  # a compute-dtype .grad over the accumulation steps, DDP's average over ddp_world_size GPUs
+  # after each; chunk k = step k // ddp_world_size on GPU k % ddp_world_size). Float32: the same
+  # gradient to round-off.
+  o.grad_accumulation = 'weighted'
+  o.ddp_world_size = 1  # The release's GPUs; loss_chunks / ddp_world_size accumulation steps.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # One of data/fsdp/tensor may be -1: the rest of the devices.
@@ -182,6 +189,7 @@ def with_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.Confi
   c.optim.grad_clip = r['grad_clip']
   c.optim.gate_clip = r['gate_clip']
   c.optim.loss_chunks = r['loss_chunks']
+  c.optim.ddp_world_size = r['ddp_gpus']
   c.data.max_length = 256
   # The baseline evaluates per-device batches of its per-GPU training batch size.
   c.data.eval_batch_size = r['batch'] // r['loss_chunks']

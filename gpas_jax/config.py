@@ -40,20 +40,21 @@ SIZES = {
 
 # The paper's training recipe per size; batch is the global batch in sequences of 256 tokens.
 # loss_chunks: the baseline's GPUs x accumulation steps, each a token mean of batch/loss_chunks
-# sequences (its per-GPU batch).
+# sequences (its per-GPU batch); ddp_gpus: its GPUs (DDP world size), loss_chunks / ddp_gpus its
+# accumulation steps.
 RECIPES = {
     '71m': dict(lr=1e-3, steps=10_000, warmup=1_000, batch=512, grad_clip=0.0, gate_clip=0.0,
-                loss_chunks=2),
+                loss_chunks=2, ddp_gpus=1),
     '130m': dict(lr=1e-3, steps=20_000, warmup=2_000, batch=512, grad_clip=0.0, gate_clip=0.0,
-                 loss_chunks=2),
+                 loss_chunks=2, ddp_gpus=1),
     '250m': dict(lr=1e-3, steps=40_000, warmup=4_000, batch=512, grad_clip=0.0, gate_clip=0.0,
-                 loss_chunks=4),
+                 loss_chunks=4, ddp_gpus=2),
     '350m': dict(lr=5e-4, steps=60_000, warmup=6_000, batch=512, grad_clip=0.0, gate_clip=0.0,
-                 loss_chunks=4),
+                 loss_chunks=4, ddp_gpus=4),
     '1b': dict(lr=5e-4, steps=100_000, warmup=10_000, batch=512, grad_clip=0.0, gate_clip=0.0,
-               loss_chunks=16),
+               loss_chunks=16, ddp_gpus=4),
     '7b': dict(lr=3e-4, steps=150_000, warmup=10_000, batch=2048, grad_clip=1.0, gate_clip=0.01,
-               loss_chunks=512, remat='full'),
+               loss_chunks=512, ddp_gpus=8, remat='full'),
 }
 
 # What config.baseline_faithful sets, each field also settable on its own.
@@ -62,16 +63,22 @@ FAITHFUL = {
     'optim.baseline_last_step': True,
     'model.loss_dtype': 'compute',
     'model.attention_logits_dtype': 'float32',
+    'optim.grad_accumulation': 'torch',
 }
 # Defaults of fields newer than some saved config.json files.
 _DEFAULTS = {
     'optim.arithmetic': 'optax',
     'optim.baseline_last_step': False,
     'optim.loss_chunks': 1,
+    'optim.grad_accumulation': 'weighted',
+    'optim.ddp_world_size': 1,
     'model.loss_dtype': 'float32',
     'model.attention_logits_dtype': 'compute',
 }
 ARITHMETICS = ('optax', 'torch')
+# 'weighted': one backward of the batch's chunk-weighted loss (micro_batches split it for memory)
+# | 'torch': the release's backward per chunk, summed in the compute dtype as .grad and DDP do.
+GRAD_ACCUMULATIONS = ('weighted', 'torch')
 LOSS_DTYPES = ('float32', 'compute')
 ATTENTION_LOGITS_DTYPES = ('compute', 'float32')
 TOKENS_DTYPES = ('uint16', 'uint32')
@@ -229,6 +236,20 @@ def validate_model(m: ml_collections.ConfigDict, pad_id: int = 0, eos_id: int = 
         f'it must be at least {need}.')
 
 
+def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
+  """optim.grad_accumulation and the release's DDP world size that its chunks are spread over."""
+  _choice(c.optim.get('grad_accumulation', 'weighted'), 'optim.grad_accumulation',
+          GRAD_ACCUMULATIONS)
+  world = c.optim.get('ddp_world_size', 1)
+  _positive(world, 'optim.ddp_world_size')
+  if chunks % world:
+    raise ConfigError(
+        f'optim.ddp_world_size={world} does not divide optim.loss_chunks={chunks}; the '
+        'release\'s chunks are its GPUs x accumulation steps, so loss_chunks is a multiple of it.')
+  # Under 'torch' micro_batches has no effect: a step holds one chunk's activations, and a chunk
+  # cannot be split further without changing its rounding.
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Rejects a bad run config before anything is built or compiled."""
   validate_model(c.model, c.data.pad_id, c.data.eos_id)
@@ -249,6 +270,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'optim.loss_chunks={chunks} does not divide optim.global_batch_size='
         f'{c.optim.global_batch_size}; each chunk is a token mean over batch / loss_chunks rows.')
+  _validate_accumulation(c, chunks)
   if c.get('paper_recipe') and c.data.source == 'embedded':
     raise ConfigError(
         f'this is the paper\'s {c.paper_recipe} recipe, which trains on C4 with the T5 tokenizer, '

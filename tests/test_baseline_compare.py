@@ -25,3 +25,33 @@ def test_compare_writes_the_table_and_figure_and_agrees_in_float32(tmp_path):
   table = open(os.path.join(out, 'compare.md')).read()
   assert '| float32 | jax_vs_torch |' in table and '| bfloat16 | noise_floor |' in table
   assert json.load(open(os.path.join(out, 'compare.json')))['updates'] == 4
+
+
+def test_the_bf16_figure_draws_the_noise_floor_beside_the_gap(tmp_path, monkeypatch):
+  """A precision with a noise floor gets its loss/grad-norm line and its gate band; float32 none."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import figure  # pylint: disable=import-outside-toplevel
+  figs = []
+  monkeypatch.setattr(figure.Figure, 'savefig', lambda self, *a, **k: figs.append(self))
+  h = lambda d: [{'loss': 1.0 + d * u, 'grad_norm': 2.0, 'gates': [0.1 + d, -0.2]}
+                 for u in range(5)]
+  compare.plot({'float32': (h(0), h(0)), 'bfloat16': (h(0.01), h(0), h(0.003))},
+               str(tmp_path / 'x.png'), 'pre_gpas')
+  (fig,) = figs
+  floor = lambda ax: [a for a in ax.lines + ax.collections
+                      if a.get_label().startswith('noise floor')]
+  f32_axes, bf16_axes = fig.axes[:3], fig.axes[3:]
+  assert not any(floor(ax) for ax in f32_axes)
+  assert all(len(floor(ax)) == 1 for ax in bf16_axes)
+  band = floor(bf16_axes[2])[0].get_paths()[0].vertices[:, 1]
+  np.testing.assert_allclose([band.min(), band.max()], [-0.003, 0.003], rtol=1e-6)
+  loss_floor = floor(bf16_axes[0])[0].get_ydata()
+  np.testing.assert_allclose(loss_floor, 0.003 * np.arange(5), atol=1e-12)
+
+
+def test_a_multi_gpu_world_size_is_refused(tmp_path):
+  c = tiny_train_config(**{'optim.loss_chunks': 2, 'optim.ddp_world_size': 2})
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='optim.ddp_world_size=2: the PyTorch side runs one'):
+    compare.compare(c, str(tmp_path / 'cmp'), updates=1)

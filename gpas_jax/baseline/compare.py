@@ -55,7 +55,8 @@ def faithful_config(config: ml_collections.ConfigDict, tokens_path: str, init: s
   """The run config of the gpas_jax side on the given rows and init.
 
   faithful=False keeps the config's own optim.arithmetic / model.loss_dtype /
-  model.attention_logits_dtype (to measure what each part moves); N + 1 updates either way.
+  model.attention_logits_dtype / optim.grad_accumulation (to measure what each part moves);
+  N + 1 updates either way.
   """
   c = copy.deepcopy(config)
   c.baseline_faithful = faithful
@@ -143,7 +144,7 @@ def run_torch(config: ml_collections.ConfigDict, rows_NxT: np.ndarray, init: str
 # Fields that change only the gpas_jax side: a PyTorch history does not depend on them.
 _JAX_ONLY = {'model': ('loss_dtype', 'attention_logits_dtype', 'attention_impl', 'scan_layers',
                        'remat_policy', 'param_dtype', 'compute_dtype'),
-             'optim': ('arithmetic', 'micro_batches', 'state_dtype')}
+             'optim': ('arithmetic', 'micro_batches', 'state_dtype', 'grad_accumulation')}
 
 
 def _torch_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +199,9 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
             tokens: str = '', precisions: Sequence[str] = ('float32', 'bfloat16'),
             baseline_repo: str = '', faithful: bool = True) -> dict[str, Any]:
   """Runs both sides for each precision; writes the table, JSON and figure; returns the gaps."""
+  if config.optim.get('ddp_world_size', 1) != 1:
+    raise ValueError(f'optim.ddp_world_size={config.optim.ddp_world_size}: the PyTorch side runs '
+                     'one process (one GPU); compare with --config.optim.ddp_world_size=1.')
   os.makedirs(out, exist_ok=True)
   b = config.optim.global_batch_size
   if not tokens:
@@ -226,6 +230,7 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
       noise_h = cached_torch(out, f'{dtype}_reversed', inputs, lambda: run_torch(
           config, rows, init, dtype, updates, baseline_repo, reverse_chunks=True))
       entry['noise_floor'] = gaps(noise_h, torch_h)
+      curves[dtype] = (jax_h, torch_h, noise_h)
       # Largest gate difference over all updates (the final one alone can happen to be 0).
       floor = entry['noise_floor']['gate_max_abs']
       entry['gate_gap_over_noise'] = (entry['jax_vs_torch']['gate_max_abs'] / floor
@@ -258,18 +263,34 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def plot(curves: dict[str, tuple], path: str, title: str) -> None:
-  """Per-update differences gpas_jax - PyTorch: loss, gradient norm, each layer's gate."""
+  """Per-update differences gpas_jax - PyTorch (loss, gradient norm, each layer's gate).
+
+  Where a precision has a noise floor (bf16: PyTorch with each chunk's rows reversed), its
+  differences from PyTorch are drawn beside the gap: a grey line for the loss and gradient norm,
+  a grey band +-(the largest gate difference of any layer, per update) for the gates.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(len(curves), 3, figsize=(13, 3.4 * len(curves)), squeeze=False)
-  for row, (dtype, (jax_h, torch_h)) in zip(axes, curves.items()):
-    steps = np.arange(1, min(len(jax_h), len(torch_h)) + 1)
+  floor_label = 'noise floor (PyTorch, rows reversed)'
+  for row, (dtype, (jax_h, torch_h, *rest)) in zip(axes, curves.items()):
+    noise_h = rest[0] if rest else None
+    n = min(len(jax_h), len(torch_h), len(noise_h) if noise_h else len(jax_h))
+    steps = np.arange(1, n + 1)
     for ax, key in zip(row[:2], ('loss', 'grad_norm')):
-      ax.plot(steps, [x[key] - y[key] for x, y in zip(jax_h, torch_h)])
+      ax.plot(steps, [x[key] - y[key] for x, y in zip(jax_h[:n], torch_h)], label='gpas_jax')
+      if noise_h:
+        ax.plot(steps, [x[key] - y[key] for x, y in zip(noise_h[:n], torch_h)], color='0.5',
+                ls='--', label=floor_label)
+        ax.legend(fontsize=7)
       ax.set(title=f'{dtype}: {key} (gpas_jax - PyTorch)', xlabel='update', ylabel='difference')
-    gates = np.array([np.subtract(x['gates'], y['gates']) for x, y in zip(jax_h, torch_h)])
+    gates = np.array([np.subtract(x['gates'], y['gates']) for x, y in zip(jax_h[:n], torch_h)])
     if gates.size:
+      if noise_h:
+        env = np.array([np.abs(np.subtract(x['gates'], y['gates'])).max()
+                        for x, y in zip(noise_h[:n], torch_h)])
+        row[2].fill_between(steps, -env, env, color='0.6', alpha=0.35, lw=0, label=floor_label)
       for i in range(gates.shape[1]):
         row[2].plot(steps, gates[:, i], label=f'layer {i}')
       row[2].legend(fontsize=7)
@@ -295,8 +316,8 @@ def define_flags() -> None:
   flags.DEFINE_string('baseline_repo', '', "A checkout of the authors' code: use its "
                       'peft_pretraining.modeling_llama instead of the port.')
   flags.DEFINE_bool('faithful', True, 'gpas_jax with baseline_faithful; --nofaithful keeps the '
-                    "config's optim.arithmetic, model.loss_dtype and model.attention_logits_dtype "
-                    '(to measure what each part moves).')
+                    "config's optim.arithmetic, model.loss_dtype, model.attention_logits_dtype and "
+                    'optim.grad_accumulation (to measure what each part moves).')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from gpas_jax.model import transformer as model_lib
 from gpas_jax import sharding
 from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train import optim
+from gpas_jax.train import torch_accum
 
 Batch = dict[str, jax.Array]
 
@@ -39,6 +40,13 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.
   """A batch the data axes cannot split is rejected before compiling, with the numbers."""
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   micro = config.optim.global_batch_size // config.optim.micro_batches
+  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+    chunk = config.optim.global_batch_size // config.optim.get('loss_chunks', 1)
+    if chunk % shards:
+      raise sharding.MeshError(
+          f"optim.grad_accumulation='torch' runs one backward per chunk of {chunk} sequences "
+          f'(optim.global_batch_size / optim.loss_chunks), which does not split over mesh data x '
+          f'fsdp = {shards} devices; make it a multiple of {shards}.')
   if micro % shards:
     raise sharding.MeshError(
         f'the micro-batch of {micro} sequences (optim.global_batch_size='
@@ -137,6 +145,35 @@ def _loss_fn(s: Setup, weighted: bool, eval_chunks: bool = False) -> Callable:
   return loss_fn
 
 
+def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, Any, jax.Array]:
+  """(loss, grads, count) as the release forms them: a backward per chunk (torch_accum.py)."""
+  c = s.config
+  chunks, world = c.optim.get('loss_chunks', 1), c.optim.get('ddp_world_size', 1)
+  steps = chunks // world
+  packed = c.data.layout == 'packed'
+  loss_fn = _loss_fn(s, weighted=True)
+  axes = s.batch_sharding.spec[0]
+  # Chunk k's rows stay split over the data axes as the batch is (each device a part of every
+  # chunk); only the tokens move, once, to make that layout.
+  spec = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, axes, None))
+  split = lambda x: jax.lax.with_sharding_constraint(
+      x.reshape((chunks, x.shape[0] // chunks) + x.shape[1:]), spec)
+  rows = {k: split(v) for k, v in batch.items() if k in ('input_ids', 'segment_ids')}
+
+  def chunk_grad(p, chunk):
+    # The release backpropagates its chunk's token mean / accumulation steps.
+    seg = chunk['segment_ids'] if packed else None
+    mask_BxT = model_lib.target_weights(chunk['input_ids'], seg, c.data.pad_id)
+    count = jnp.sum(mask_BxT)
+    weights_BxT = mask_BxT / (jnp.float32(steps) * jnp.maximum(count, 1.0))
+    grad_fn = jax.value_and_grad(lambda q: loss_fn(q, dict(chunk, weights=weights_BxT))[0])
+    loss, grads = grad_fn(p)
+    return (loss, count), grads
+
+  loss, grads, count = torch_accum.release_gradient(chunk_grad, params, rows, world)
+  return loss, grads, count
+
+
 def make_train_step(s: Setup) -> Callable:
   """The jitted step: accumulate, clip, update; explicit shardings and a donated state."""
   c = s.config
@@ -146,6 +183,7 @@ def make_train_step(s: Setup) -> Callable:
   packed = c.data.layout == 'packed'
   skip_bad = c.nan_policy == 'skip'
   inject, inject_count = c.debug.inject_nan_step, c.debug.get('inject_nan_count', 1)
+  release_grads = config_lib.effective(c, 'optim.grad_accumulation') == 'torch'
 
   def step_fn(state, batch):
     params = state['params']
@@ -154,9 +192,12 @@ def make_train_step(s: Setup) -> Callable:
     seg = batch['segment_ids'] if packed else None
     batch = dict(batch, weights=model_lib.chunk_weights(batch['input_ids'], seg,
                                                         c.data.pad_id, chunks))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    loss, grads, count = optim.accumulate_gradients(grad_fn, params, batch, c.optim.micro_batches,
-                                                    aux_reduce='sum', average=False)
+    if release_grads:
+      loss, grads, count = _release_gradient(s, batch, params)
+    else:
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      loss, grads, count = optim.accumulate_gradients(
+          grad_fn, params, batch, c.optim.micro_batches, aux_reduce='sum', average=False)
     if inject >= 0:  # a test hook: poison one step's loss and gradients
       hit = (state['step'] >= inject) & (state['step'] < inject + inject_count)
       poison = jnp.where(hit, jnp.nan, 1.0).astype(loss.dtype)

@@ -1,0 +1,88 @@
+"""The release's gradient: one backward per chunk, summed as torch's `.grad` and DDP sum it.
+
+The release (torchrun_main.py) runs, per update, `gradient_accumulation` steps on each of its
+`world_size` GPUs; each step backpropagates `loss / gradient_accumulation` (a token mean of the
+GPU's chunk) into the bf16 `.grad`. It never uses `no_sync`, so DDP all-reduces after *every*
+backward: its reducer copies each rank's `.grad` into a bucket multiplied by 1 / world_size
+(`at::mul_out(bucket, grad, 1 / W)`: one bf16 rounding), sums the buckets over ranks in bf16
+(NCCL) and copies the sum back into `.grad`. The next step's backward then adds its chunk's
+gradient to that average (torch's AccumulateGrad: one bf16 rounding) before the next all-reduce.
+So with W GPUs and A steps, chunk (a, r) = rows [(a*W + r)*b, (a*W + r + 1)*b):
+
+    L_r = g(0, r)                   a = 0 (.grad was None: AccumulateGrad takes the gradient)
+    L_r = round(G + g(a, r))        a > 0
+    G   = round(...round(round(L_0 / W) + round(L_1 / W)) + ... + round(L_{W-1} / W))
+
+every round in the compute dtype (`torch_optim.round_to`, which XLA cannot fuse away). The sum
+over ranks is taken left to right: NCCL's order depends on the algorithm (ring, tree) and on an
+element's place in the bucket; for W <= 2 every order gives the same bits (a + b is correctly
+rounded and commutative), beyond that the order here is a fixed one.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpas_jax.train import torch_optim
+
+PyTree = Any
+ChunkGradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, jax.Array], PyTree]]
+
+
+def _round(x32: jax.Array, dtype: Any) -> jax.Array:
+  """One torch kernel's rounding of a float32 result to the storage dtype, kept in that dtype."""
+  return torch_optim.round_to(x32, dtype).astype(dtype)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  # Rounding the upcast again drops any excess precision XLA kept in a fused producer.
+  return torch_optim.round_to(x.astype(jnp.float32), x.dtype)
+
+
+def accumulate_step(acc: PyTree, grads: PyTree, first: jax.Array) -> PyTree:
+  """AccumulateGrad: `grads` when .grad is empty (first), else round(acc + grads), leafwise."""
+  return jax.tree.map(
+      lambda a, g: jnp.where(first, g, _round(_f32(a) + _f32(g), g.dtype)), acc, grads)
+
+
+def ddp_scale(grads: PyTree, world_size: int) -> PyTree:
+  """DDP's copy into the bucket: each leaf times 1 / world_size (a float32 scalar), rounded."""
+  inv = np.float32(1.0 / world_size)  # wrapped_scalar_tensor(double(1) / W), float32 in the kernel
+  return jax.tree.map(lambda g: _round(_f32(g) * inv, g.dtype), grads)
+
+
+def release_gradient(chunk_grad: ChunkGradFn, params: PyTree, chunks: PyTree, world_size: int
+                     ) -> tuple[jax.Array, PyTree, jax.Array]:
+  """(mean chunk loss, the release's gradient, counted targets) over chunks [K, b, ...].
+
+  `chunk_grad(params, chunk) -> ((loss, count), grads)`: chunk k's backward of its loss / A, in
+  the compute dtype (loss: that loss / A, so the mean over the K chunks is the sum / W). Chunk k is accumulation step k // W on GPU k % W; one lax.scan over the K
+  chunks, so activation memory is that of one chunk.
+  """
+  k = jax.tree.leaves(chunks)[0].shape[0]
+  if k % world_size:
+    raise ValueError(f'{k} chunks do not split over world_size={world_size} GPUs.')
+  w = world_size
+  first = jax.tree.map(lambda x: x[0], chunks)
+  (_, count_shape), grad_shape = jax.eval_shape(chunk_grad, params, first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grad_shape)
+  # One GPU (W = 1) needs no bucket: its .grad is the gradient, one accumulator as today.
+  carry0 = (jnp.zeros((), jnp.float32), jnp.zeros(count_shape.shape, count_shape.dtype),
+            zeros, zeros if w > 1 else None)
+
+  def body(carry, xs):
+    loss_sum, count_sum, grad, reduced = carry
+    i, chunk = xs
+    (loss, count), g = chunk_grad(params, chunk)
+    local = accumulate_step(grad, g, i < w)  # this GPU's .grad after its backward
+    if w > 1:  # the all-reduce of step i // W, rank i % W's bucket added in rank order
+      reduced = accumulate_step(reduced, ddp_scale(local, w), i % w == 0)
+      grad = jax.tree.map(lambda r, gr: jnp.where(i % w == w - 1, r, gr), reduced, grad)
+    else:
+      grad = local
+    return (loss_sum + loss.astype(jnp.float32), count_sum + count, grad, reduced), None
+
+  (loss_sum, count, grad, _), _ = jax.lax.scan(body, carry0, (jnp.arange(k), chunks))
+  return loss_sum / w, grad, count
