@@ -61,11 +61,12 @@ def local_data():
 
 def _config_file(tmp_path, data: dict, **overrides) -> str:
   path = tmp_path / 'cfg.py'
+  fields = {**data, **_RUN, **overrides}
   path.write_text(textwrap.dedent(f'''
       from tests.helpers import tiny_train_config
 
       def get_config():
-        return tiny_train_config(**{dict(data, **_RUN, **overrides)!r})
+        return tiny_train_config(**{fields!r})
   '''))
   return str(path)
 
@@ -296,7 +297,10 @@ def test_the_storage_server_gone_mid_run_fails_the_save_then_the_run_resumes(
   resumes from the last complete checkpoint bit-exactly."""
   s = gcs.Server(data_dir=str(tmp_path / 'objects')).start()  # objects on disk: survive a restart
   s.create_bucket('gone')
-  config, workdir, env = _config_file(tmp_path, local_data), 'gs://gone/run', gcs.child_env(s)
+  # No lock heartbeat falls inside the test, and no TensorBoard writer: each would wait out its
+  # own client's retries (the GCS client's 120 s for TensorBoard) before the run can exit.
+  config = _config_file(tmp_path, local_data, **{'logging.tensorboard': False})
+  workdir, env = 'gs://gone/run', gcs.child_env(s, GPAS_LOCK_STALE_S='6000')
   proc = _train(config, workdir, env, '--config.debug.sigstop_at_step=3', wait=False)
   try:
     deadline = time.time() + 240
