@@ -25,9 +25,6 @@ from etils import epath
 
 _NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf,
               'infinity': math.inf, '-infinity': -math.inf}
-# gcsfs retries a failing request this many times with exponential backoff (its default, stated
-# here because the docs promise a bound); tensorstore retries up to 32 times (its default).
-GCSFS_RETRIES = 6
 
 
 def is_url(path: Any) -> bool:

@@ -6,20 +6,15 @@ reach beyond 127.0.0.1: `check_local` fails a test whose environment names anoth
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VARS = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL', 'CLOUD_STORAGE_EMULATOR_ENDPOINT')
-
-
-def free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 def check_local(env) -> None:

@@ -1,12 +1,20 @@
 """Shared test helpers (no jax side effects: subprocesses import this too)."""
 
 import os
+import socket
 import tempfile
 
 # The embedded corpus and tokenizer are built once per machine and shared by the test workers
 # (the builders hold a file lock), instead of once per test.
 DATA_CACHE = os.environ.get('GPAS_TEST_CACHE',
                             os.path.join(tempfile.gettempdir(), 'gpas_jax_test_cache'))
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 (a coordinator's or a test server's)."""
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
 
 
 def tiny_train_config(**overrides):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,13 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 def _metrics(workdir) -> dict[int, dict]:
@@ -45,7 +40,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
         return c
   '''))
   workdir = tmp_path / 'run'
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen(

@@ -22,6 +22,7 @@ from gpas_jax.train import faults
 from gpas_jax.train import lock as lock_lib
 from tests import gcs
 from tests.helpers import DATA_CACHE
+from tests.helpers import free_port
 from tests.helpers import tiny_train_config
 
 ROOT = gcs.ROOT
@@ -350,7 +351,7 @@ def test_a_pod_in_miniature_two_hosts_checkpoint_to_one_bucket_killed_and_resume
   env.pop('XLA_FLAGS', None)
 
   def hosts(*flags):
-    port = gcs.free_port()
+    port = free_port()
     return [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={cfg_file}',
          f'--workdir={workdir}', f'--config.distributed.coordinator_address=127.0.0.1:{port}',

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 import gpas_jax
+from gpas_jax import storage
 
 EXIT_REFUSED = 2
 FILE_FLAGS = ('config', 'sweep')  # config-file flags: found in the installed package too
@@ -34,17 +35,10 @@ class InputNotFound(UserError, FileNotFoundError):
   """A file or folder the user named does not exist or is not what the tool reads."""
 
 
-def is_url(path: str) -> bool:
-  """True for a storage URL (gs://bucket/x, s3://...), which no local rule may rewrite."""
-  return '://' in str(path)
-
-
 def resolve_path(path: str | None) -> str | None:
   """A path as the tools use it: relative -> absolute against the working directory, '~'
   expanded; empty and URLs as they are (a gs:// path must reach storage untouched)."""
-  if not path or is_url(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
+  return storage.absolute(path) if path else path
 
 
 def split_config_arg(spec: str) -> tuple[str, str]:
@@ -55,7 +49,7 @@ def split_config_arg(spec: str) -> tuple[str, str]:
 
 def installed(path: str) -> str | None:
   """The file a relative path names in the installed gpas_jax/configs tree, if it is there."""
-  if os.path.isabs(path) or is_url(path):
+  if os.path.isabs(path) or storage.is_url(path):
     return None
   candidate = os.path.join(gpas_jax.ROOT, path)
   return candidate if os.path.exists(candidate) else None
@@ -66,7 +60,7 @@ def resolve_config(spec: str) -> str:
   from the installed package (configs/tiny.py, train.py); ':argument' kept. A spec found
   nowhere comes back as given, so the error names what the user typed."""
   path, arg = split_config_arg(spec)
-  if not path or is_url(path):
+  if not path or storage.is_url(path):
     return spec
   path = os.path.expanduser(path)
   if os.path.isabs(path) or os.path.exists(path):

@@ -147,7 +147,7 @@ def portable_config(spec: str) -> str:
   installed), any other file absolute."""
   resolved = resolve(spec)
   path, arg = split_config_arg(resolved)
-  rel = os.path.relpath(path, gpas_jax.ROOT) if not cli.is_url(path) else path
+  rel = os.path.relpath(path, gpas_jax.ROOT) if not storage.is_url(path) else path
   if rel.startswith('configs' + os.sep) and cli.installed(rel) == path:
     return rel + arg
   return resolved
