@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'float32': cross-entropy on float32 logits | 'compute': on the compute-dtype logits, as the
   # baseline's F.cross_entropy on its bf16 logits (log-probabilities rounded to bf16).
   m.loss_dtype = 'float32'
+  # True: XLA may keep float32 through a fusion of bf16 ops (its default, faster) | False: every
+  # op's result rounded to the compute dtype, as each torch kernel rounds its result
+  # (xla_allow_excess_precision=false for every step this config compiles).
+  m.excess_precision = True
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -124,7 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
   # batch loss) | 'torch' (the release's: a backward per chunk in the compute dtype, summed into
   # a compute-dtype .grad over the accumulation steps, DDP's average over ddp_world_size GPUs
   # after each; chunk k = step k // ddp_world_size on GPU k % ddp_world_size). Float32: the same
-  # gradient to round-off.
+  # gradient to round-off. Under 'torch', micro_batches (a divisor of loss_chunks) is how many
+  # groups of chunks run one after another; a group's chunks run their backwards at once.
   o.grad_accumulation = 'weighted'
   o.ddp_world_size = 1  # The release's GPUs; loss_chunks / ddp_world_size accumulation steps.
 

@@ -64,6 +64,7 @@ FAITHFUL = {
     'model.loss_dtype': 'compute',
     'model.attention_logits_dtype': 'float32',
     'optim.grad_accumulation': 'torch',
+    'model.excess_precision': False,
 }
 # Defaults of fields newer than some saved config.json files.
 _DEFAULTS = {
@@ -74,6 +75,7 @@ _DEFAULTS = {
     'optim.ddp_world_size': 1,
     'model.loss_dtype': 'float32',
     'model.attention_logits_dtype': 'compute',
+    'model.excess_precision': True,
 }
 ARITHMETICS = ('optax', 'torch')
 # 'weighted': one backward of the batch's chunk-weighted loss (micro_batches split it for memory)
@@ -246,8 +248,14 @@ def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
     raise ConfigError(
         f'optim.ddp_world_size={world} does not divide optim.loss_chunks={chunks}; the '
         'release\'s chunks are its GPUs x accumulation steps, so loss_chunks is a multiple of it.')
-  # Under 'torch' micro_batches has no effect: a step holds one chunk's activations, and a chunk
-  # cannot be split further without changing its rounding.
+  # Under 'torch' micro_batches is how many groups of chunks run one after another (each chunk's
+  # backward whole: splitting a chunk would change its rounding), so it divides loss_chunks.
+  _positive(c.optim.micro_batches, 'optim.micro_batches')
+  if effective(c, 'optim.grad_accumulation') == 'torch' and chunks % c.optim.micro_batches:
+    raise ConfigError(
+        f"optim.micro_batches={c.optim.micro_batches} does not divide optim.loss_chunks={chunks}: "
+        "under optim.grad_accumulation='torch' the chunks run micro_batches groups one after "
+        'another, each chunk whole; choose a divisor of loss_chunks.')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -99,6 +99,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def without_axes(rules: Sequence[tuple[str, Any]], axes: Sequence[str]
+                 ) -> tuple[tuple[str, Any], ...]:
+  """The rules table with `axes` taken out of every entry (a vmap's spmd_axis_name holds them)."""
+  def drop(v):
+    kept = tuple(a for a in ((v,) if isinstance(v, str) else v or ()) if a not in axes)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+  return tuple((k, drop(v)) for k, v in rules)
+
+
+def rule_axes(rules: Sequence[tuple[str, Any]], name: str) -> tuple[str, ...]:
+  """The mesh axes a logical name maps to in a rules table (() if unsharded)."""
+  v = dict(rules).get(name)
+  return (v,) if isinstance(v, str) else tuple(v or ())
+
+
 def state_shardings(state: Any, mesh: Mesh) -> Any:
   """NamedShardings of an nnx.State (or abstract state) from each Variable's logical names."""
   specs = nnx.get_partition_spec(state)

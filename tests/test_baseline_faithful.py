@@ -68,8 +68,9 @@ def test_float32_trajectory_matches_pytorch_with_both_clips_and_two_chunks(tmp_p
   assert sum(h['grad_norm'] > RECIPE['grad_clip'] for h in history) > N // 2
   assert sum(h['gate_norm'] > RECIPE['gate_clip'] for h in history) > N // 2
 
-  # micro_batches=4 (a memory knob) must not change the 2-chunk objective.
-  c = _config(tmp_path, norm_type, **{'init_from': init, 'optim.micro_batches': 4})
+  # micro_batches=2 (a memory knob: one chunk's backward at a time, not both at once) must not
+  # change the 2-chunk objective.
+  c = _config(tmp_path, norm_type, **{'init_from': init, 'optim.micro_batches': 2})
   result = trainer.train(c, str(tmp_path / 'run'), jax.devices()[:1])
   assert result['step'] == N + 1 and result['finished']  # N + 1 updates, as the baseline
   ours = compare.read_history(str(tmp_path / 'run'))
@@ -99,7 +100,7 @@ def test_chunks_are_contiguous_rows_and_independent_of_micro_batches_and_mesh(tm
   np.save(tmp_path / 'rows.npy', rows)
   batch = {'input_ids': rows, 'segment_ids': (rows != 0).astype(np.int32)}
   losses = []
-  for micro, mesh in ((1, 1), (2, 1), (4, 2)):
+  for micro, mesh in ((1, 1), (2, 1), (1, 2), (2, 2)):  # K=2 chunks: 1 or 2 groups
     c = _config(tmp_path, 'pre_gpas', **{'optim.micro_batches': micro, 'mesh.data': mesh,
                                          'optim.warmup_steps': 0})
     s = steps.setup(c, jax.devices()[:mesh])
@@ -257,3 +258,23 @@ def test_eval_token_rows_are_read_in_order_up_to_the_budget(tmp_path):
       np.testing.assert_array_equal(b['input_ids'], val[4 * i:4 * i + 4])
   host1 = list(data_lib.make_eval_batches(c, 1, 2))  # host 1 of 2: the second half of each batch
   np.testing.assert_array_equal(host1[0]['input_ids'], val[2:4])
+
+
+def test_faithful_rounds_every_op_to_bf16_as_torch_does():
+  """model.excess_precision=False (baseline_faithful): a bf16 product is rounded before a float32
+  sum, as torch's mul kernel rounds; XLA's default keeps the product in float32 in the fusion.
+
+  a = b = 1 + 2**-7: a * b = 1 + 2**-6 + 2**-14 exactly, 1 + 2**-6 in bf16, so 1024 rounded
+  products sum to 1040 and unrounded ones to 1040.0625 (both exact in float32).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.full((1024,), 1 + 2.0 ** -7, jnp.bfloat16)
+  fn = lambda a, b: jnp.sum((a * b).astype(jnp.float32))
+  sums = {}
+  for faithful in (False, True):
+    c = tiny_train_config()
+    c.baseline_faithful = faithful
+    s = steps.setup(c, jax.devices()[:1])
+    rep = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    sums[faithful] = float(steps._jit_in_mesh(s, fn, (rep, rep), rep)(x, x))
+  assert sums == {False: 1040.0625, True: 1040.0}

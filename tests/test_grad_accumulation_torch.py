@@ -88,9 +88,13 @@ def _as_jax(chunk_grads) -> list[jax.Array]:
           for leaf in zip(*chunk_grads)]
 
 
-def _jax_release(chunks, world: int) -> list[np.ndarray]:
-  fn = lambda p, ch: ((jnp.float32(0.0), jnp.float32(1.0)), ch)  # chunk k's gradient: given
-  _, grads, _ = jax.jit(lambda c: torch_accum.release_gradient(fn, None, c, world))(chunks)
+def _jax_release(chunks, world: int, groups: int = 1) -> list[np.ndarray]:
+  """torch_accum's sum of the given chunk gradients, taken in `groups` groups of K / groups."""
+  k = chunks[0].shape[0]
+  grouped = [c.reshape((groups, k // groups) + c.shape[1:]) for c in chunks]
+  g = k // groups
+  fn = lambda p, ch: ((jnp.zeros(g), jnp.ones(g)), ch)  # each chunk's gradient: given
+  _, grads, _ = jax.jit(lambda c: torch_accum.release_gradient(fn, None, c, world))(grouped)
   return [np.asarray(g) for g in grads]
 
 
@@ -106,10 +110,12 @@ def test_the_torch_emulation_is_what_real_ddp_computes(tmp_path):
   out = str(tmp_path / 'ddp.pt')
   mp.spawn(_ddp_worker, args=(2, chunk_grads, out), nprocs=2)
   ddp = torch.load(out)
-  for d, e, j in zip(ddp, _torch_release_grads(chunk_grads, 2),
-                     _jax_release(_as_jax(chunk_grads), 2)):
+  # JAX folds the same chunk gradients whether they come one at a time, 2 or all 6 at once.
+  for d, e, j1, j3, j6 in zip(ddp, _torch_release_grads(chunk_grads, 2),
+                              *[_jax_release(_as_jax(chunk_grads), 2, m) for m in (6, 3, 1)]):
     np.testing.assert_array_equal(_bits(d), _bits(e))
-    np.testing.assert_array_equal(_bits(d), _bits(j))
+    for j in (j1, j3, j6):
+      np.testing.assert_array_equal(_bits(d), _bits(j))
   # Not the no_sync form (accumulate on each rank, one all-reduce at the end): the interleaved
   # order moves bits, so the test can tell the two apart.
   local = [[sum(gs[1:], gs[0]) for gs in zip(*chunk_grads[r::2])] for r in range(2)]
@@ -117,12 +123,12 @@ def test_the_torch_emulation_is_what_real_ddp_computes(tmp_path):
   assert any((_bits(d) != _bits(n)).any() for d, n in zip(ddp, nosync))
 
 
-def _setup(world: int, chunks: int, dtype: str, accumulation: str = 'torch'):
+def _setup(world: int, chunks: int, dtype: str, accumulation: str = 'torch', micro: int = 1):
   c = tiny_train_config(**{
       'optim.global_batch_size': B, 'optim.loss_chunks': chunks, 'optim.ddp_world_size': world,
       'optim.grad_accumulation': accumulation, 'model.param_dtype': dtype,
       'model.compute_dtype': dtype, 'model.loss_dtype': 'compute', 'data.max_length': T,
-      'model.norm_type': 'sandwich_gpas'})
+      'model.norm_type': 'sandwich_gpas', 'optim.micro_batches': micro})
   s = steps.setup(c, jax.devices()[:1])
   return s, steps.init_state(s)['params']
 
@@ -142,23 +148,40 @@ def _step_grads(s, params, batch):
     return jax.jit(lambda p, b: steps._release_gradient(s, b, p)[1])(params, batch)
 
 
-# (W GPUs, K chunks): one GPU x 4 steps (71m/130m's form), 2 x 2 (250m), 3 x 2 (1/3 rounds).
-@pytest.mark.parametrize('world,chunks', [(1, 4), (2, 4), (3, 6)])
-def test_bf16_step_gradient_is_bit_identical_to_torch_accumulating_the_same_chunks(world, chunks):
+def _chunk_grads(s, params, batch, chunks: int, together: bool) -> list:
+  """Each chunk's own token-mean gradient: one jitted backward per chunk, or all chunks' at once
+  (a vmap over [K, b] rows, the step's default grouping); torch tensors, K lists of leaves."""
+  b = B // chunks
+  if together:
+    loss_fn = steps._loss_fn(s, weighted=False)
+    grad = jax.vmap(jax.grad(lambda p, r: loss_fn(p, r)[0]), in_axes=(None, 0))
+    rows = {n: v.reshape((chunks, b) + v.shape[1:]) for n, v in batch.items()}
+    with sharding.use_mesh(s.mesh, s.rules):
+      stacked = jax.jit(grad)(params, rows)
+    per_chunk = [jax.tree.map(lambda x: x[k], stacked) for k in range(chunks)]
+  else:
+    grad_step = steps.make_grad_step(s)
+    per_chunk = [grad_step(params, {n: v[k * b:(k + 1) * b] for n, v in batch.items()})
+                 for k in range(chunks)]
+  return per_chunk
+
+
+# (W GPUs, K chunks): one GPU x 4 steps (71m/130m's form), 2 x 2 (250m), 3 x 2 (1/3 rounds);
+# micro_batches = K: one chunk at a time (a scan), 1: all K chunks' backwards at once (a vmap).
+@pytest.mark.parametrize('world,chunks,micro', [(1, 4, 4), (2, 4, 4), (3, 6, 6), (1, 4, 1),
+                                                (2, 4, 1), (3, 6, 2)])
+def test_bf16_step_gradient_is_bit_identical_to_torch_accumulating_the_same_chunks(world, chunks,
+                                                                                  micro):
   """The step's bf16 gradient = torch's .grad after the release's loop over the same chunks."""
-  s, params = _setup(world, chunks, 'bfloat16')
+  s, params = _setup(world, chunks, 'bfloat16', micro=micro)
   batch = _batch(s)
   grads = _step_grads(s, params, batch)
   # Each chunk's own backward (its token mean), scaled by 1 / A as the release's loss / A is:
   # exact, A being a power of two here.
   steps_a = chunks // world
-  grad_step = steps.make_grad_step(s)
-  b = B // chunks
   chunk_grads = []
-  for k in range(chunks):
-    rows = {n: v[k * b:(k + 1) * b] for n, v in batch.items()}
-    g = jax.tree.map(lambda x: (x.astype(jnp.float32) / steps_a).astype(x.dtype),
-                     grad_step(params, rows))
+  for g in _chunk_grads(s, params, batch, chunks, together=micro < chunks):
+    g = jax.tree.map(lambda x: (x.astype(jnp.float32) / steps_a).astype(x.dtype), g)
     chunk_grads.append([torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
                         for x in jax.tree.leaves(g)])
   ref = _torch_release_grads(chunk_grads, world)
@@ -220,10 +243,53 @@ def test_faithful_turns_it_on_and_bad_values_are_refused_before_compiling():
       config_lib.validate(bad)
 
 
-def test_a_chunk_that_does_not_split_over_the_mesh_is_refused(monkeypatch):
-  """Each chunk's rows are split over the data axes: a chunk of 3 rows on 2 devices is refused."""
-  c = tiny_train_config(**{'optim.global_batch_size': 6, 'optim.loss_chunks': 2,
-                           'optim.grad_accumulation': 'torch'})
-  mesh = type('M', (), {'shape': {'data': 2, 'fsdp': 1}})()
-  with pytest.raises(sharding.MeshError, match='chunk of 3 sequences'):
-    steps.check_batch_fits_mesh(c, mesh)
+def _mesh_setup(dtype: str, data: int, fsdp: int, chunks: int = 4, world: int = 2, micro: int = 1):
+  c = tiny_train_config(**{
+      'optim.global_batch_size': B, 'optim.loss_chunks': chunks, 'optim.ddp_world_size': world,
+      'optim.grad_accumulation': 'torch', 'model.param_dtype': dtype, 'model.compute_dtype': dtype,
+      'model.loss_dtype': 'compute', 'data.max_length': T, 'model.norm_type': 'sandwich_gpas',
+      'optim.micro_batches': micro, 'mesh.data': data, 'mesh.fsdp': fsdp})
+  return steps.setup(c, jax.devices()[:data * fsdp])
+
+
+# B = 12 rows; (chunk axes, row axes) of a group: the fewest chunk shards that divide both.
+@pytest.mark.parametrize('data,fsdp,chunks,world,micro,layout', [
+    (4, 1, 4, 2, 1, (('data',), ())),          # 4 chunks of 3 rows: one chunk a device, as a GPU
+    (2, 2, 4, 2, 1, (('data', 'fsdp'), ())),   # the same over two axes, parameters over fsdp
+    (2, 1, 2, 1, 2, ((), ('data',))),          # one chunk at a time, its 6 rows over data
+    (2, 2, 2, 1, 1, (('data',), ('fsdp',)))])  # 2 chunks over data, each one's rows over fsdp
+def test_chunks_spread_over_the_mesh_give_the_one_device_gradient(data, fsdp, chunks, world,
+                                                                  micro, layout):
+  """Sharded vs one device: the chunk layout moves where the work runs, not the result."""
+  s1 = _mesh_setup('float32', 1, 1, chunks, world, micro)
+  params = steps.init_state(s1)['params']
+  one = jax.tree.leaves(_step_grads(s1, params, _batch(s1)))
+  s = _mesh_setup('float32', data, fsdp, chunks, world, micro)
+  assert steps.chunk_layout(s.config, s.mesh) == layout
+  params_s = jax.device_put(params, s.state_shardings['params'])
+  sharded = jax.tree.leaves(_step_grads(s, params_s, _batch(s)))
+  for x, y in zip(sharded, one):  # float32 sums split over other devices: round-off only
+    scale = float(np.abs(np.asarray(y)).max())
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5 * scale)
+
+
+def _fake_mesh(data: int, fsdp: int = 1):
+  return type('M', (), {'shape': {'data': data, 'fsdp': fsdp, 'tensor': 1}})()
+
+
+def test_chunks_that_do_not_split_over_the_mesh_are_refused_with_the_fix():
+  """No split of the data axes divides a group's chunks and their rows: refused before
+  compiling, naming the micro_batches that would fit, or else a mesh that would."""
+  c = tiny_train_config(**{'optim.global_batch_size': 8, 'optim.loss_chunks': 4,
+                           'optim.grad_accumulation': 'torch', 'optim.micro_batches': 4})
+  with pytest.raises(sharding.MeshError, match=r'chunk of 2 sequences .* 1 chunks at a time .*'
+                     r'set optim.micro_batches to one of \[1\]'):
+    steps.check_batch_fits_mesh(c, _fake_mesh(4))
+  c.optim.micro_batches = 1
+  steps.check_batch_fits_mesh(c, _fake_mesh(4))  # 4 chunks over 4 devices: fits
+  with pytest.raises(sharding.MeshError, match=r'--config.mesh.data=4 --config.mesh.fsdp=2'):
+    steps.check_batch_fits_mesh(c, _fake_mesh(8))
+  c.optim.micro_batches = 3
+  with pytest.raises(config_lib.ConfigError, match='optim.micro_batches=3 does not divide '
+                     'optim.loss_chunks=4'):
+    config_lib.validate(c)

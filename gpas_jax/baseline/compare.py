@@ -143,7 +143,7 @@ def run_torch(config: ml_collections.ConfigDict, rows_NxT: np.ndarray, init: str
 
 # Fields that change only the gpas_jax side: a PyTorch history does not depend on them.
 _JAX_ONLY = {'model': ('loss_dtype', 'attention_logits_dtype', 'attention_impl', 'scan_layers',
-                       'remat_policy', 'param_dtype', 'compute_dtype'),
+                       'remat_policy', 'param_dtype', 'compute_dtype', 'excess_precision'),
              'optim': ('arithmetic', 'micro_batches', 'state_dtype', 'grad_accumulation')}
 
 

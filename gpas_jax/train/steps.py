@@ -1,10 +1,12 @@
 """The sharded train state, the train and eval steps (jit with explicit shardings, donation)."""
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable, Iterator
 
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,17 +38,55 @@ class Setup:
   abstract_state: Any
 
 
+def chunk_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Under grad_accumulation='torch': (the data axes over which a group's chunks are split, those
+  over which each chunk's rows are split), fewest chunk axes first; MeshError if none fits.
+
+  A group is optim.loss_chunks / optim.micro_batches chunks whose backwards run at once (vmap).
+  """
+  chunks, micro = config.optim.get('loss_chunks', 1), config.optim.micro_batches
+  rows = config.optim.global_batch_size // chunks
+  axes = [a for a in sharding.rule_axes(sharding.rules_from_config(config), 'batch')
+          if mesh.shape[a] > 1]
+  fits = _chunk_splits(axes, mesh, chunks // micro, rows)
+  if fits:
+    return fits[0]
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  ok = [m for m in range(1, chunks + 1)
+        if chunks % m == 0 and _chunk_splits(axes, mesh, chunks // m, rows)]
+  fix = (f'set optim.micro_batches to one of {ok}' if ok else
+         f'use a mesh whose data axes split the chunks ({chunks // micro} a group) and their '
+         f'{rows} rows, e.g. --config.mesh.data={np.gcd(chunks // micro, shards)} '
+         f'--config.mesh.fsdp={shards // np.gcd(chunks // micro, shards)}')
+  raise sharding.MeshError(
+      f"optim.grad_accumulation='torch' runs one backward per chunk of {rows} sequences "
+      f'(optim.global_batch_size / optim.loss_chunks), {chunks // micro} chunks at a time '
+      f'(optim.loss_chunks={chunks} / optim.micro_batches={micro}); mesh data x fsdp = '
+      f'{mesh.shape["data"]} x {mesh.shape["fsdp"]} = {shards} devices splits neither the chunks '
+      f'nor their rows evenly: {fix}.')
+
+
+def _chunk_splits(axes: list, mesh: jax.sharding.Mesh, group: int, rows: int) -> list:
+  """Every (chunk axes, row axes) split of `axes` dividing group and rows; fewest chunk shards
+  first, so rows stay split over the most devices (one gradient per device where possible)."""
+  out = []
+  for mask in itertools.product((False, True), repeat=len(axes)):
+    c = tuple(a for a, m in zip(axes, mask) if m)
+    r = tuple(a for a, m in zip(axes, mask) if not m)
+    nc, nr = (int(np.prod([mesh.shape[a] for a in x])) for x in (c, r))
+    if group % nc == 0 and rows % nr == 0:
+      out.append((nc, c, r))
+  return [(c, r) for _, c, r in sorted(out)]
+
+
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """A batch the data axes cannot split is rejected before compiling, with the numbers."""
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   micro = config.optim.global_batch_size // config.optim.micro_batches
   if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
-    chunk = config.optim.global_batch_size // config.optim.get('loss_chunks', 1)
-    if chunk % shards:
-      raise sharding.MeshError(
-          f"optim.grad_accumulation='torch' runs one backward per chunk of {chunk} sequences "
-          f'(optim.global_batch_size / optim.loss_chunks), which does not split over mesh data x '
-          f'fsdp = {shards} devices; make it a multiple of {shards}.')
+    chunk_layout(config, mesh)
+    return
   if micro % shards:
     raise sharding.MeshError(
         f'the micro-batch of {micro} sequences (optim.global_batch_size='
@@ -149,15 +189,16 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
   """(loss, grads, count) as the release forms them: a backward per chunk (torch_accum.py)."""
   c = s.config
   chunks, world = c.optim.get('loss_chunks', 1), c.optim.get('ddp_world_size', 1)
+  groups = c.optim.micro_batches
   steps = chunks // world
   packed = c.data.layout == 'packed'
   loss_fn = _loss_fn(s, weighted=True)
-  axes = s.batch_sharding.spec[0]
-  # Chunk k's rows stay split over the data axes as the batch is (each device a part of every
-  # chunk); only the tokens move, once, to make that layout.
-  spec = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, axes, None))
+  chunk_axes, row_axes = chunk_layout(c, s.mesh)
+  # [M groups, G chunks, b rows]: chunk k = m * G + g, rows [k*b, (k+1)*b) as in the release.
+  spec = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
+      None, chunk_axes or None, row_axes or None, None))
   split = lambda x: jax.lax.with_sharding_constraint(
-      x.reshape((chunks, x.shape[0] // chunks) + x.shape[1:]), spec)
+      x.reshape((groups, chunks // groups, x.shape[0] // chunks) + x.shape[1:]), spec)
   rows = {k: split(v) for k, v in batch.items() if k in ('input_ids', 'segment_ids')}
 
   def chunk_grad(p, chunk):
@@ -170,8 +211,16 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
     loss, grads = grad_fn(p)
     return (loss, count), grads
 
-  loss, grads, count = torch_accum.release_gradient(chunk_grad, params, rows, world)
-  return loss, grads, count
+  def group_grad(p, group):
+    if chunks == groups:  # one chunk a group: no vmap, its rows over every data axis
+      return jax.tree.map(lambda x: x[None], chunk_grad(p, jax.tree.map(lambda x: x[0], group)))
+    # A group's chunks run at once; inside, the rows of one chunk are what the data axes left
+    # to them split (the rules without the chunk axes, which vmap's spmd_axis_name holds).
+    with nn.logical_axis_rules(sharding.without_axes(s.rules, chunk_axes)):
+      return jax.vmap(chunk_grad, in_axes=(None, 0),
+                      spmd_axis_name=chunk_axes or None)(p, group)
+
+  return torch_accum.release_gradient(group_grad, params, rows, world)
 
 
 def make_train_step(s: Setup) -> Callable:
@@ -243,6 +292,8 @@ def _batch_shardings(s: Setup) -> dict[str, jax.sharding.NamedSharding]:
 
 def _jit_in_mesh(s: Setup, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
   """jax.jit with explicit shardings, called under the mesh and the logical rules."""
+  if not config_lib.effective(s.config, 'model.excess_precision'):
+    kwargs['compiler_options'] = {'xla_allow_excess_precision': False}
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
 
   def run(*args):

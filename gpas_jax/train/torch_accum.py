@@ -28,7 +28,7 @@ import numpy as np
 from gpas_jax.train import torch_optim
 
 PyTree = Any
-ChunkGradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, jax.Array], PyTree]]
+GroupGradFn = Callable[[PyTree, PyTree], tuple[tuple[jax.Array, jax.Array], PyTree]]
 
 
 def _round(x32: jax.Array, dtype: Any) -> jax.Array:
@@ -53,36 +53,45 @@ def ddp_scale(grads: PyTree, world_size: int) -> PyTree:
   return jax.tree.map(lambda g: _round(_f32(g) * inv, g.dtype), grads)
 
 
-def release_gradient(chunk_grad: ChunkGradFn, params: PyTree, chunks: PyTree, world_size: int
+def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, world_size: int
                      ) -> tuple[jax.Array, PyTree, jax.Array]:
-  """(mean chunk loss, the release's gradient, counted targets) over chunks [K, b, ...].
+  """(mean chunk loss, the release's gradient, counted targets) over chunks [M, G, b, ...].
 
-  `chunk_grad(params, chunk) -> ((loss, count), grads)`: chunk k's backward of its loss / A, in
-  the compute dtype (loss: that loss / A, so the mean over the K chunks is the sum / W). Chunk k is accumulation step k // W on GPU k % W; one lax.scan over the K
-  chunks, so activation memory is that of one chunk.
+  The K = M * G chunks are taken G at a time: `group_grad(params, group) -> ((loss[G],
+  count[G]), grads[G, ...])` gives each chunk of a group its own backward of its loss / A (in the
+  compute dtype; the loss is that loss / A, so the mean over the K chunks is the sum / W). The
+  chunks' gradients are independent of one another, so only their sum follows the release's
+  order: chunk k = accumulation step k // W on GPU k % W, folded in k order. One lax.scan over the
+  M groups: activation memory is that of one group, plus G chunk gradients.
   """
-  k = jax.tree.leaves(chunks)[0].shape[0]
-  if k % world_size:
-    raise ValueError(f'{k} chunks do not split over world_size={world_size} GPUs.')
+  m, g_size = jax.tree.leaves(groups)[0].shape[:2]
+  if (m * g_size) % world_size:
+    raise ValueError(f'{m * g_size} chunks do not split over world_size={world_size} GPUs.')
   w = world_size
-  first = jax.tree.map(lambda x: x[0], chunks)
-  (_, count_shape), grad_shape = jax.eval_shape(chunk_grad, params, first)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grad_shape)
+  first = jax.tree.map(lambda x: x[0], groups)
+  (_, count_shape), grad_shape = jax.eval_shape(group_grad, params, first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), grad_shape)
   # One GPU (W = 1) needs no bucket: its .grad is the gradient, one accumulator as today.
-  carry0 = (jnp.zeros((), jnp.float32), jnp.zeros(count_shape.shape, count_shape.dtype),
-            zeros, zeros if w > 1 else None)
+  acc0 = (zeros, zeros if w > 1 else None)
 
-  def body(carry, xs):
-    loss_sum, count_sum, grad, reduced = carry
-    i, chunk = xs
-    (loss, count), g = chunk_grad(params, chunk)
+  def fold(acc, xs):
+    grad, reduced = acc
+    i, g = xs
     local = accumulate_step(grad, g, i < w)  # this GPU's .grad after its backward
     if w > 1:  # the all-reduce of step i // W, rank i % W's bucket added in rank order
       reduced = accumulate_step(reduced, ddp_scale(local, w), i % w == 0)
       grad = jax.tree.map(lambda r, gr: jnp.where(i % w == w - 1, r, gr), reduced, grad)
     else:
       grad = local
-    return (loss_sum + loss.astype(jnp.float32), count_sum + count, grad, reduced), None
+    return (grad, reduced), None
 
-  (loss_sum, count, grad, _), _ = jax.lax.scan(body, carry0, (jnp.arange(k), chunks))
+  def body(carry, xs):
+    loss_sum, count_sum, acc = carry
+    j, group = xs
+    (loss, count), grads = group_grad(params, group)
+    acc, _ = jax.lax.scan(fold, acc, (j * g_size + jnp.arange(g_size), grads))
+    return (loss_sum + jnp.sum(loss.astype(jnp.float32)), count_sum + jnp.sum(count, 0), acc), None
+
+  carry0 = (jnp.zeros((), jnp.float32), jnp.zeros(count_shape.shape[1:], count_shape.dtype), acc0)
+  (loss_sum, count, (grad, _)), _ = jax.lax.scan(body, carry0, (jnp.arange(m), groups))
   return loss_sum / w, grad, count
