@@ -128,10 +128,13 @@ def get_config() -> ml_collections.ConfigDict:
   # batch loss) | 'torch' (the release's: a backward per chunk in the compute dtype, summed into
   # a compute-dtype .grad over the accumulation steps, DDP's average over ddp_world_size GPUs
   # after each; chunk k = step k // ddp_world_size on GPU k % ddp_world_size). Float32: the same
-  # gradient to round-off. Under 'torch', micro_batches (a divisor of loss_chunks) is how many
-  # groups of chunks run one after another; a group's chunks run their backwards at once.
+  # gradient to round-off. Under 'torch' micro_batches has no effect (a chunk's backward is whole).
   o.grad_accumulation = 'weighted'
   o.ddp_world_size = 1  # The release's GPUs; loss_chunks / ddp_world_size accumulation steps.
+  # Under 'torch': chunks whose backwards run at once (a vmap; the groups run one after another),
+  # a divisor of loss_chunks; 0: the fewest the mesh can split (1 where a chunk's rows split over
+  # the data axes; on a pod, where they cannot, chunks spread over devices as over GPUs).
+  o.chunk_group = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # One of data/fsdp/tensor may be -1: the rest of the devices.

@@ -248,14 +248,14 @@ def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
     raise ConfigError(
         f'optim.ddp_world_size={world} does not divide optim.loss_chunks={chunks}; the '
         'release\'s chunks are its GPUs x accumulation steps, so loss_chunks is a multiple of it.')
-  # Under 'torch' micro_batches is how many groups of chunks run one after another (each chunk's
-  # backward whole: splitting a chunk would change its rounding), so it divides loss_chunks.
-  _positive(c.optim.micro_batches, 'optim.micro_batches')
-  if effective(c, 'optim.grad_accumulation') == 'torch' and chunks % c.optim.micro_batches:
+  # Under 'torch' micro_batches has no effect (each chunk's backward is whole: splitting a chunk
+  # would change its rounding); optim.chunk_group sets how many chunks run at once.
+  group = c.optim.get('chunk_group', 0)
+  if not isinstance(group, int) or group < 0 or (group and chunks % group):
     raise ConfigError(
-        f"optim.micro_batches={c.optim.micro_batches} does not divide optim.loss_chunks={chunks}: "
-        "under optim.grad_accumulation='torch' the chunks run micro_batches groups one after "
-        'another, each chunk whole; choose a divisor of loss_chunks.')
+        f'optim.chunk_group={group!r} does not divide optim.loss_chunks={chunks}: it is how many '
+        "chunks run their backwards at once under optim.grad_accumulation='torch'; choose a "
+        'divisor of loss_chunks, or 0 (the fewest the mesh can split).')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

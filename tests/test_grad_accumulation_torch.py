@@ -123,12 +123,12 @@ def test_the_torch_emulation_is_what_real_ddp_computes(tmp_path):
   assert any((_bits(d) != _bits(n)).any() for d, n in zip(ddp, nosync))
 
 
-def _setup(world: int, chunks: int, dtype: str, accumulation: str = 'torch', micro: int = 1):
+def _setup(world: int, chunks: int, dtype: str, accumulation: str = 'torch', group: int = 0):
   c = tiny_train_config(**{
       'optim.global_batch_size': B, 'optim.loss_chunks': chunks, 'optim.ddp_world_size': world,
       'optim.grad_accumulation': accumulation, 'model.param_dtype': dtype,
       'model.compute_dtype': dtype, 'model.loss_dtype': 'compute', 'data.max_length': T,
-      'model.norm_type': 'sandwich_gpas', 'optim.micro_batches': micro})
+      'model.norm_type': 'sandwich_gpas', 'optim.chunk_group': group})
   s = steps.setup(c, jax.devices()[:1])
   return s, steps.init_state(s)['params']
 
@@ -167,20 +167,20 @@ def _chunk_grads(s, params, batch, chunks: int, together: bool) -> list:
 
 
 # (W GPUs, K chunks): one GPU x 4 steps (71m/130m's form), 2 x 2 (250m), 3 x 2 (1/3 rounds);
-# micro_batches = K: one chunk at a time (a scan), 1: all K chunks' backwards at once (a vmap).
-@pytest.mark.parametrize('world,chunks,micro', [(1, 4, 4), (2, 4, 4), (3, 6, 6), (1, 4, 1),
-                                                (2, 4, 1), (3, 6, 2)])
+# chunk_group 1: one chunk at a time (a scan); K or 3: a group's backwards at once (a vmap).
+@pytest.mark.parametrize('world,chunks,group', [(1, 4, 1), (2, 4, 1), (3, 6, 1), (1, 4, 4),
+                                                (2, 4, 4), (3, 6, 3)])
 def test_bf16_step_gradient_is_bit_identical_to_torch_accumulating_the_same_chunks(world, chunks,
-                                                                                  micro):
+                                                                                  group):
   """The step's bf16 gradient = torch's .grad after the release's loop over the same chunks."""
-  s, params = _setup(world, chunks, 'bfloat16', micro=micro)
+  s, params = _setup(world, chunks, 'bfloat16', group=group)
   batch = _batch(s)
   grads = _step_grads(s, params, batch)
   # Each chunk's own backward (its token mean), scaled by 1 / A as the release's loss / A is:
   # exact, A being a power of two here.
   steps_a = chunks // world
   chunk_grads = []
-  for g in _chunk_grads(s, params, batch, chunks, together=micro < chunks):
+  for g in _chunk_grads(s, params, batch, chunks, together=group > 1):
     g = jax.tree.map(lambda x: (x.astype(jnp.float32) / steps_a).astype(x.dtype), g)
     chunk_grads.append([torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
                         for x in jax.tree.leaves(g)])
@@ -243,28 +243,29 @@ def test_faithful_turns_it_on_and_bad_values_are_refused_before_compiling():
       config_lib.validate(bad)
 
 
-def _mesh_setup(dtype: str, data: int, fsdp: int, chunks: int = 4, world: int = 2, micro: int = 1):
+def _mesh_setup(dtype: str, data: int, fsdp: int, chunks: int = 4, world: int = 2, group: int = 0):
   c = tiny_train_config(**{
       'optim.global_batch_size': B, 'optim.loss_chunks': chunks, 'optim.ddp_world_size': world,
       'optim.grad_accumulation': 'torch', 'model.param_dtype': dtype, 'model.compute_dtype': dtype,
       'model.loss_dtype': 'compute', 'data.max_length': T, 'model.norm_type': 'sandwich_gpas',
-      'optim.micro_batches': micro, 'mesh.data': data, 'mesh.fsdp': fsdp})
+      'optim.chunk_group': group, 'mesh.data': data, 'mesh.fsdp': fsdp})
   return steps.setup(c, jax.devices()[:data * fsdp])
 
 
-# B = 12 rows; (chunk axes, row axes) of a group: the fewest chunk shards that divide both.
-@pytest.mark.parametrize('data,fsdp,chunks,world,micro,layout', [
-    (4, 1, 4, 2, 1, (('data',), ())),          # 4 chunks of 3 rows: one chunk a device, as a GPU
-    (2, 2, 4, 2, 1, (('data', 'fsdp'), ())),   # the same over two axes, parameters over fsdp
-    (2, 1, 2, 1, 2, ((), ('data',))),          # one chunk at a time, its 6 rows over data
-    (2, 2, 2, 1, 1, (('data',), ('fsdp',)))])  # 2 chunks over data, each one's rows over fsdp
+# B = 12 rows; (G, chunk axes, row axes): chunk_group 0 takes the fewest chunks at once that the
+# mesh splits, with the fewest chunk shards.
+@pytest.mark.parametrize('data,fsdp,chunks,world,group,layout', [
+    (4, 1, 4, 2, 0, (4, ('data',), ())),          # chunks of 3 rows: one a device, as a GPU
+    (2, 2, 4, 2, 0, (4, ('data', 'fsdp'), ())),   # the same over two axes, parameters over fsdp
+    (2, 1, 2, 1, 0, (1, (), ('data',))),          # one chunk at a time, its 6 rows over data
+    (2, 2, 2, 1, 2, (2, ('data',), ('fsdp',)))])  # 2 chunks over data, their rows over fsdp
 def test_chunks_spread_over_the_mesh_give_the_one_device_gradient(data, fsdp, chunks, world,
-                                                                  micro, layout):
+                                                                  group, layout):
   """Sharded vs one device: the chunk layout moves where the work runs, not the result."""
-  s1 = _mesh_setup('float32', 1, 1, chunks, world, micro)
+  s1 = _mesh_setup('float32', 1, 1, chunks, world, layout[0])
   params = steps.init_state(s1)['params']
   one = jax.tree.leaves(_step_grads(s1, params, _batch(s1)))
-  s = _mesh_setup('float32', data, fsdp, chunks, world, micro)
+  s = _mesh_setup('float32', data, fsdp, chunks, world, group)
   assert steps.chunk_layout(s.config, s.mesh) == layout
   params_s = jax.device_put(params, s.state_shardings['params'])
   sharded = jax.tree.leaves(_step_grads(s, params_s, _batch(s)))
@@ -279,17 +280,17 @@ def _fake_mesh(data: int, fsdp: int = 1):
 
 def test_chunks_that_do_not_split_over_the_mesh_are_refused_with_the_fix():
   """No split of the data axes divides a group's chunks and their rows: refused before
-  compiling, naming the micro_batches that would fit, or else a mesh that would."""
+  compiling, naming the chunk_group that would fit, or else a mesh that would."""
   c = tiny_train_config(**{'optim.global_batch_size': 8, 'optim.loss_chunks': 4,
-                           'optim.grad_accumulation': 'torch', 'optim.micro_batches': 4})
+                           'optim.grad_accumulation': 'torch', 'optim.chunk_group': 1})
   with pytest.raises(sharding.MeshError, match=r'chunk of 2 sequences .* 1 chunks at a time .*'
-                     r'set optim.micro_batches to one of \[1\]'):
+                     r'set optim.chunk_group to one of \[4\]'):
     steps.check_batch_fits_mesh(c, _fake_mesh(4))
-  c.optim.micro_batches = 1
-  steps.check_batch_fits_mesh(c, _fake_mesh(4))  # 4 chunks over 4 devices: fits
+  c.optim.chunk_group = 0
+  assert steps.chunk_layout(c, _fake_mesh(4)) == (4, ('data',), ())  # 4 chunks on 4 devices
   with pytest.raises(sharding.MeshError, match=r'--config.mesh.data=4 --config.mesh.fsdp=2'):
     steps.check_batch_fits_mesh(c, _fake_mesh(8))
-  c.optim.micro_batches = 3
-  with pytest.raises(config_lib.ConfigError, match='optim.micro_batches=3 does not divide '
+  c.optim.chunk_group = 3
+  with pytest.raises(config_lib.ConfigError, match='optim.chunk_group=3 does not divide '
                      'optim.loss_chunks=4'):
     config_lib.validate(c)

@@ -39,32 +39,31 @@ class Setup:
 
 
 def chunk_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """Under grad_accumulation='torch': (the data axes over which a group's chunks are split, those
-  over which each chunk's rows are split), fewest chunk axes first; MeshError if none fits.
+                 ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+  """Under grad_accumulation='torch': (G, the data axes that split a group of G chunks, those
+  that split each chunk's rows); MeshError, naming what would fit, if the mesh splits neither.
 
-  A group is optim.loss_chunks / optim.micro_batches chunks whose backwards run at once (vmap).
+  G chunks run their backwards at once (a vmap), the K / G groups one after another:
+  optim.chunk_group, or (0) the fewest the mesh can split, which is also the least memory.
   """
-  chunks, micro = config.optim.get('loss_chunks', 1), config.optim.micro_batches
+  chunks = config.optim.get('loss_chunks', 1)
   rows = config.optim.global_batch_size // chunks
   axes = [a for a in sharding.rule_axes(sharding.rules_from_config(config), 'batch')
           if mesh.shape[a] > 1]
-  fits = _chunk_splits(axes, mesh, chunks // micro, rows)
-  if fits:
-    return fits[0]
+  ok = [g for g in range(1, chunks + 1) if chunks % g == 0 and _chunk_splits(axes, mesh, g, rows)]
+  group = config.optim.get('chunk_group', 0) or (ok[0] if ok else chunks)
+  if group in ok:
+    return (group,) + _chunk_splits(axes, mesh, group, rows)[0]
   shards = int(np.prod([mesh.shape[a] for a in axes]))
-  ok = [m for m in range(1, chunks + 1)
-        if chunks % m == 0 and _chunk_splits(axes, mesh, chunks // m, rows)]
-  fix = (f'set optim.micro_batches to one of {ok}' if ok else
-         f'use a mesh whose data axes split the chunks ({chunks // micro} a group) and their '
-         f'{rows} rows, e.g. --config.mesh.data={np.gcd(chunks // micro, shards)} '
-         f'--config.mesh.fsdp={shards // np.gcd(chunks // micro, shards)}')
+  fix = (f'set optim.chunk_group to one of {ok} (or 0: the fewest that fit)' if ok else
+         f'use a mesh whose data axes split the chunks and their {rows} rows, e.g. '
+         f'--config.mesh.data={np.gcd(chunks, shards)} '
+         f'--config.mesh.fsdp={shards // np.gcd(chunks, shards)}')
   raise sharding.MeshError(
       f"optim.grad_accumulation='torch' runs one backward per chunk of {rows} sequences "
-      f'(optim.global_batch_size / optim.loss_chunks), {chunks // micro} chunks at a time '
-      f'(optim.loss_chunks={chunks} / optim.micro_batches={micro}); mesh data x fsdp = '
-      f'{mesh.shape["data"]} x {mesh.shape["fsdp"]} = {shards} devices splits neither the chunks '
-      f'nor their rows evenly: {fix}.')
+      f'(optim.global_batch_size / optim.loss_chunks={chunks}), {group} chunks at a time '
+      f'(optim.chunk_group); mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = '
+      f'{shards} devices splits neither those chunks nor their rows evenly: {fix}.')
 
 
 def _chunk_splits(axes: list, mesh: jax.sharding.Mesh, group: int, rows: int) -> list:
@@ -189,11 +188,11 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
   """(loss, grads, count) as the release forms them: a backward per chunk (torch_accum.py)."""
   c = s.config
   chunks, world = c.optim.get('loss_chunks', 1), c.optim.get('ddp_world_size', 1)
-  groups = c.optim.micro_batches
   steps = chunks // world
   packed = c.data.layout == 'packed'
   loss_fn = _loss_fn(s, weighted=True)
-  chunk_axes, row_axes = chunk_layout(c, s.mesh)
+  group, chunk_axes, row_axes = chunk_layout(c, s.mesh)
+  groups = chunks // group
   # [M groups, G chunks, b rows]: chunk k = m * G + g, rows [k*b, (k+1)*b) as in the release.
   spec = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
       None, chunk_axes or None, row_axes or None, None))
