@@ -57,6 +57,28 @@ def test_tiny_train_and_eval_step_compile_for_v5e_with_scan_cost_corrected():
   assert r['estimated_step_s'] == pytest.approx(unrolled['estimated_step_s'], rel=0.25)
 
 
+@pytest.mark.parametrize('batch,group', [(16, 1), (8, 4)])
+def test_release_chunks_compile_and_their_loop_is_counted(batch, group):
+  """baseline_faithful's per-chunk backward, 4 chunks, fsdp over 4 chips: chunks of 4 rows run one
+  after another, each split over the chips; chunks of 2 rows cannot split, so the 4 run at once,
+  one a chip (one pass). Either way the corrected cost is the weighted form's (the same model
+  FLOPs): the cost analysis counts a loop of chunk groups once and loop_ratio makes it whole."""
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
+  over = {'optim.global_batch_size': batch, 'optim.loss_chunks': 4, 'model.remat_policy': 'none'}
+  c = _config(**over)
+  c.baseline_faithful = True
+  assert steps.chunk_layout(c, type('M', (), {'shape': {'data': 1, 'fsdp': 4}})())[0] == group
+  r = tpu_plan.compile_steps(c, 'v5e:2x2', with_eval=False)
+  weighted = tpu_plan.compile_steps(_config(**over), 'v5e:2x2', with_eval=False)
+  assert r['fits'] is True
+  assert r['loop_ratio'] == pytest.approx(weighted['loop_ratio'] * 4 / group)
+  assert r['cost']['flops'] == pytest.approx(weighted['cost']['flops'], rel=0.2)
+  if group == 4:  # one chunk at a time is refused before compiling, naming what fits
+    c.optim.chunk_group = 1
+    with pytest.raises(sharding.MeshError, match=r'set optim.chunk_group to one of \[4\]'):
+      tpu_plan.compile_steps(c, 'v5e:2x2', with_eval=False)
+
+
 def test_two_slices_over_dcn():
   c = _config(**{'model.num_layers': 2})
   c.mesh.data, c.mesh.fsdp = 2, 4  # one data replica per slice, fsdp within a slice

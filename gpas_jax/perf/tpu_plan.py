@@ -123,6 +123,16 @@ def loop_ratio(model_config, micro_batches: int, scanned: bool) -> float:
   return f['total'] / counted * micro_batches
 
 
+def sequential_passes(config, mesh) -> int:
+  """The backward passes a step runs one after another (a loop the cost analysis counts once):
+  micro_batches, or under grad_accumulation='torch' its groups of chunks."""
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
+  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+    return config.optim.get('loss_chunks', 1) // steps.chunk_layout(config, mesh)[0]
+  return config.optim.micro_batches
+
+
 def _compile(jitted, *args) -> tuple[Any, float, str]:
   """(compiled or None, seconds, the compiler's refusal or '')."""
   t0 = time.perf_counter()
@@ -192,7 +202,7 @@ def compile_steps(config, topology: str, num_slices: int = 1, with_eval: bool = 
     return out
   mem = _memory(compiled)
   raw = _cost(compiled)
-  r = loop_ratio(mc, config.optim.micro_batches, mc.scan_layers)
+  r = loop_ratio(mc, sequential_passes(config, s.mesh), mc.scan_layers)
   cost = {k: opt_cost[k] + max(raw[k] - opt_cost[k], 0.0) * r for k in raw}
   # The step estimate is the roofline of the compiler's (corrected) flops and bytes: its own
   # optimal_seconds is about this sum where it is positive (tiny, v5e: 2.3e-5 s vs 2.1e-5 s),

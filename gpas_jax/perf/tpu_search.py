@@ -9,8 +9,11 @@ memory model only orders and prunes: every reported figure is the compiler's.
 """
 
 import math
+import types
 from typing import Any, Callable
 
+from gpas_jax import config as config_lib
+from gpas_jax import sharding
 from gpas_jax.perf import tpu_plan
 
 REMAT_COST = {'none': 1.0, 'save_dots': 1.12, 'full': 1.36}  # forward recomputed: ~1 + 1/3
@@ -20,8 +23,10 @@ def _bytes(dtype: str) -> int:
   return {'float32': 4, 'bfloat16': 2, 'float16': 2, 'float64': 8}[dtype]
 
 
-def estimate_bytes(config, data: int, fsdp: int, tensor: int, micro: int, remat: str) -> float:
-  """An analytical per-chip peak (state + activations of one micro-batch); for pruning only."""
+def estimate_bytes(config, data: int, fsdp: int, tensor: int, micro: int, remat: str,
+                   chunk_grads: float = 0.0) -> float:
+  """An analytical per-chip peak (state + activations of one micro-batch, plus `chunk_grads`
+  per-chunk gradients held at once, each sharded as the state); for pruning only."""
   m = config.model
   d, f, layers, heads, vocab = (m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads,
                                 m.vocab_size)
@@ -37,7 +42,23 @@ def estimate_bytes(config, data: int, fsdp: int, tensor: int, micro: int, remat:
   saved = {'none': full_layer, 'save_dots': cb * (6 * d + 3 * f / tensor) + probs,
            'full': cb * d}[remat]
   logits = 10 * vocab / tensor  # f32 logits, their bf16 copy and gradient
-  return state + tokens * (layers * saved + full_layer + logits)
+  return (state + chunk_grads * params * cb / (fsdp * tensor)
+          + tokens * (layers * saved + full_layer + logits))
+
+
+def _torch_chunks(config, data: int, fsdp: int, tensor: int) -> tuple[int, float] | None:
+  """Under grad_accumulation='torch': (micro-batches equivalent, per-chunk gradients per chip) of
+  the mesh's chunk layout (steps.chunk_layout), or None if the mesh cannot split the chunks."""
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
+  mesh = types.SimpleNamespace(shape={'data': data, 'fsdp': fsdp, 'tensor': tensor})
+  try:
+    group, chunk_axes, _ = steps.chunk_layout(config, mesh)
+  except sharding.MeshError:
+    return None
+  shards = math.prod(mesh.shape[a] for a in chunk_axes)
+  # A chunk on devices of its own holds a whole gradient there, not fsdp's share of one.
+  unsharded = fsdp if 'fsdp' in chunk_axes else 1
+  return config.optim.loss_chunks // group, group / shards * unsharded
 
 
 def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
@@ -49,21 +70,33 @@ def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
   meshes = [(chips, 1, 1), (1, chips, 1)]
   if chips >= 8 and heads % 4 == 0:
     meshes.append((1, chips // 4, 4))
+  torch_form = config_lib.effective(config, 'optim.grad_accumulation') == 'torch'
+  if torch_form:  # chunks over data, their rows over fsdp: the release's GPUs on a slice
+    split = math.gcd(config.optim.get('loss_chunks', 1), chips)
+    if 1 < split < chips:
+      meshes.append((split, chips // split, 1))
   out = []
   for data, fsdp, tensor in meshes:
     shards = data * slices * fsdp
     micros = [k for k in (1, 2, 4, 8, 16, 32, 64) if b % k == 0 and (b // k) % shards == 0]
+    grads = 0.0
+    if torch_form:  # micro_batches has no effect: the chunk layout sets what runs at once
+      layout = _torch_chunks(config, data * slices, fsdp, tensor)
+      if layout is None:
+        continue
+      micros, grads = [layout[0]], layout[1]
     for remat in ('none', 'save_dots', 'full'):
-      fits = [k for k in micros
-              if estimate_bytes(config, data * slices, fsdp, tensor, k, remat) <= 0.9 * hbm]
+      fits = [k for k in micros if estimate_bytes(
+          config, data * slices, fsdp, tensor, k, remat, grads) <= 0.9 * hbm]
       if not micros:
         continue
       k = fits[0] if fits else micros[-1]
-      est = estimate_bytes(config, data * slices, fsdp, tensor, k, remat)
+      est = estimate_bytes(config, data * slices, fsdp, tensor, k, remat, grads)
       if est > 1.5 * hbm:
         continue
       score = REMAT_COST[remat] * (1 + 0.04 * (k - 1)) * (1.15 if tensor > 1 else 1.0)
-      out.append({'mesh': (data * slices, fsdp, tensor), 'micro': k, 'remat': remat,
+      out.append({'mesh': (data * slices, fsdp, tensor), 'micro': 1 if torch_form else k,
+                  'remat': remat,
                   'score': score, 'estimate': est})
   return sorted(out, key=lambda c: c['score'])
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import gpas_jax
+from gpas_jax import storage
 
 SIZES = ('71m', '130m', '250m', '350m', '1b', '7b')
 DEFAULTS = (('71m', 'v5e-8'), ('130m', 'v5e-8'), ('250m', 'v5e-8'), ('350m', 'v5e-8'),
@@ -73,10 +74,32 @@ def run_row(kind: str, size: str, slice_name: str) -> dict[str, Any]:
                             log=lambda line: print(f'  {size} {slice_name}: {line}', flush=True))
     r = res['best'] or (res['tried'][-1] if res['tried'] else {'fits': False})
     r['compiles'] = len(res['tried'])
+  if 'mesh' in r:
+    r.update(_accumulation(c, r))
   r.update(kind=kind, size=size, slice=slice_name, wall_s=time.perf_counter() - t0,
            num_train_steps=c.num_train_steps, tokens_per_step=c.optim.global_batch_size
            * c.data.max_length)
   return r
+
+
+def _accumulation(config, report: dict[str, Any]) -> dict[str, Any]:
+  """How a row's gradient is formed: the release's chunks, how many run at once, and where."""
+  import types  # pylint: disable=import-outside-toplevel
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
+  form = config_lib.effective(config, 'optim.grad_accumulation')
+  out = {'grad_accumulation': form, 'loss_chunks': config.optim.loss_chunks}
+  if form == 'torch':
+    group, chunk_axes, row_axes = steps.chunk_layout(
+        config, types.SimpleNamespace(shape=dict(report['mesh'])))
+    out.update(chunk_group=group, chunk_axes=list(chunk_axes), row_axes=list(row_axes))
+  return out
+
+
+def _micro(r: dict[str, Any]) -> str:
+  if r.get('grad_accumulation') == 'torch':  # micro_batches has no effect there
+    return f'{r["chunk_group"]} of {r["loss_chunks"]} chunks at once'
+  return str(r['micro_batches'])
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -96,7 +119,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     hours = wall * r['devices'] / 3600 if ok else math.nan
     lines.append(
         f'| {r["size"]} | {r["slice"]} | {r["kind"]} | {m["data"]}/{m["fsdp"]}/{m["tensor"]} | '
-        f'{r["micro_batches"]} | {r["remat_policy"]} | {r["peak_bytes_per_chip"] / gib:.2f} '
+        f'{_micro(r)} | {r["remat_policy"]} | {r["peak_bytes_per_chip"] / gib:.2f} '
         f'({r["hbm_bytes_per_chip"] / gib:.0f}) | {"yes" if r["fits"] else "NO"} | '
         + (f'{step:.3f} | {r["tokens_per_s_per_chip"]:,.0f} | {100 * r["estimated_mfu"]:.1f}% | '
            f'{wall / 3600:.2f} h | {hours:,.1f} |' if ok else ' | | | | |')
@@ -116,8 +139,7 @@ def main(argv: list[str]) -> None:
   p.add_argument('--markdown', default='', help='print the table of this JSON-lines file only')
   a = p.parse_args(argv)
   if a.markdown:
-    with open(a.markdown, encoding='utf-8') as f:
-      print(markdown([json.loads(l) for l in f if l.strip()]))
+    print(markdown(storage.read_jsonl(a.markdown)))
     return
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')
@@ -134,8 +156,7 @@ def main(argv: list[str]) -> None:
     print(f'[{time.perf_counter() - t0:.0f} s] {kind} {size} {sl}: '
           f'{"fits" if r.get("fits") else "does not fit / refused"}', flush=True)
     done.append(r)
-    with open(a.out, 'a', encoding='utf-8') as f:
-      f.write(json.dumps(r, default=float) + '\n')
+    storage.append_jsonl(a.out, json.loads(json.dumps(r, default=float)))
   print(markdown(done))
   print(f'total {time.perf_counter() - t0:.0f} s')
 
