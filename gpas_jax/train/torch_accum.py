@@ -53,6 +53,20 @@ def ddp_scale(grads: PyTree, world_size: int) -> PyTree:
   return jax.tree.map(lambda g: _round(_f32(g) * inv, g.dtype), grads)
 
 
+def fold_step(acc: tuple[PyTree, PyTree], g: PyTree, i: jax.Array, world_size: int
+              ) -> tuple[PyTree, PyTree]:
+  """(.grad, all-reduce sum) after chunk i's gradient g: its GPU's AccumulateGrad, then (W > 1)
+  its bucket added in rank order, the sum becoming every .grad after the last rank's."""
+  grad, reduced = acc
+  w = world_size
+  local = accumulate_step(grad, g, i < w)  # this GPU's .grad after its backward
+  if w == 1:
+    return local, reduced
+  reduced = accumulate_step(reduced, ddp_scale(local, w), i % w == 0)
+  grad = jax.tree.map(lambda r, gr: jnp.where(i % w == w - 1, r, gr), reduced, grad)
+  return grad, reduced
+
+
 def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, world_size: int
                      ) -> tuple[jax.Array, PyTree, jax.Array]:
   """(mean chunk loss, the release's gradient, counted targets) over chunks [M, G, b, ...].
@@ -75,15 +89,8 @@ def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, wo
   acc0 = (zeros, zeros if w > 1 else None)
 
   def fold(acc, xs):
-    grad, reduced = acc
     i, g = xs
-    local = accumulate_step(grad, g, i < w)  # this GPU's .grad after its backward
-    if w > 1:  # the all-reduce of step i // W, rank i % W's bucket added in rank order
-      reduced = accumulate_step(reduced, ddp_scale(local, w), i % w == 0)
-      grad = jax.tree.map(lambda r, gr: jnp.where(i % w == w - 1, r, gr), reduced, grad)
-    else:
-      grad = local
-    return (grad, reduced), None
+    return fold_step(acc, g, i, w), None
 
   def body(carry, xs):
     loss_sum, count_sum, acc = carry
