@@ -70,7 +70,14 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     ici = (shape[0] // dcn, shape[1], shape[2])
     arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
     return Mesh(arr, MESH_AXES, axis_types=axis_types)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except (ValueError, NotImplementedError):
+    # A TPU torus maps each mesh axis onto a product of its physical axes; a shape that needs
+    # one split (4 x 64 on 16 x 16) is still a valid, if less local, device order.
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(arr, MESH_AXES, axis_types=axis_types)
 
 
 def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:

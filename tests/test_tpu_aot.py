@@ -79,6 +79,17 @@ def test_release_chunks_compile_and_their_loop_is_counted(batch, group):
       tpu_plan.compile_steps(c, 'v5e:2x2', with_eval=False)
 
 
+def test_a_mesh_that_splits_a_physical_axis_is_made():
+  """4 x 64 on a 16 x 16 torus (250m's release chunks over data on v6e-256) needs a physical
+  axis split: jax.make_mesh refuses it, sharding.make_mesh falls back to a split device order."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  devices = tpu_plan.tpu_devices('v6e:16x16', 1)
+  cfg = ml_collections.ConfigDict({'data': 4, 'fsdp': 64, 'tensor': 1, 'dcn_data': 1})
+  mesh = sharding.make_mesh(cfg, devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 64, 'tensor': 1}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
 def test_two_slices_over_dcn():
   c = _config(**{'model.num_layers': 2})
   c.mesh.data, c.mesh.fsdp = 2, 4  # one data replica per slice, fsdp within a slice
