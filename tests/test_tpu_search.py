@@ -53,3 +53,25 @@ def test_table_rows_say_how_the_gradient_is_formed():
                                    'error': 'mesh data x fsdp = 1 x 256'}])
   assert '| 16/16/1 | 16 of 16 chunks at once | none | 2.00 (16) | yes |' in text
   assert 'refused: mesh data x fsdp = 1 x 256' in text
+
+
+def test_both_forms_of_the_compilers_out_of_memory_refusal_are_read():
+  """The HBM a refused plan needs is read from either wording of XLA:TPU's refusal."""
+  gib = 2.0 ** 30
+  for msg in ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+              'temporaries (22.74G) exceeds available HBM (15.75G).',
+              'Ran out of memory in memory space hbm. It requires 22.74G of memory, which '
+              'exceeds the 15.75G available'):
+    need, have = tpu_plan._oom_bytes(msg)
+    assert (round(need / gib, 2), round(have / gib, 2)) == (22.74, 15.75)
+
+
+def test_plans_the_memory_model_says_fit_are_tried_first():
+  """7b on v5e-256: the cheapest-scored plans (no remat) need more than a chip's HBM by the
+  model, so the ones it says fit come first, whatever their score."""
+  c = tpu_table.paper_config('7b')
+  hbm = tpu_plan.hbm_bytes('v5e')
+  plans = tpu_search.candidates(c, 256, hbm)
+  fit = [p['estimate'] <= 0.9 * hbm for p in plans]
+  assert fit[0] and not all(fit) and fit == sorted(fit, reverse=True)
+  assert min(p['score'] for p in plans) < plans[0]['score']

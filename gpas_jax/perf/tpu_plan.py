@@ -36,8 +36,11 @@ SLICES = {
 # HBM per chip (GiB), the metrics.PEAK_FLOPS key and HBM bandwidth (bytes/s) of each generation.
 CHIPS = {'v4': (32, 'tpu_v4', 1.2e12), 'v5e': (16, 'tpu_v5e', 8.19e11),
          'v5p': (95, 'tpu_v5p', 2.765e12), 'v6e': (32, 'tpu_v6e', 1.64e12)}
-OOM = re.compile(r'Ran out of memory in memory space (\w+).*?requires ([\d.]+)([KMGT]?) .*?'
-                 r'exceeds .*?([\d.]+)([KMGT]?)', re.S)
+# Two forms: "...in memory space hbm. Used 22.4G of 15.75G..." style (requires X ... exceeds Y)
+# and "Ran out of memory on HBM, the total memory required for HLO temporaries (22.74G) exceeds
+# available HBM (15.75G)".
+OOM = re.compile(r'Ran out of memory (?:in memory space|on) (\w+).*?(?:requires|required)\D*?'
+                 r'([\d.]+)([KMGT]?)\b.*?exceeds\D*?([\d.]+)([KMGT]?)', re.S)
 _UNIT = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 

@@ -98,7 +98,9 @@ def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
       out.append({'mesh': (data * slices, fsdp, tensor), 'micro': 1 if torch_form else k,
                   'remat': remat,
                   'score': score, 'estimate': est})
-  return sorted(out, key=lambda c: c['score'])
+  # Plans the analytical model says fit come first: a compile of a clear misfit (7b's whole
+  # per-chunk gradient on one v5e chip) can take longer than the plan that fits.
+  return sorted(out, key=lambda c: (c['estimate'] > 0.9 * hbm, c['score']))
 
 
 def apply(config, plan: dict[str, Any]):
