@@ -266,7 +266,7 @@ def test_chunks_spread_over_the_mesh_give_the_one_device_gradient(data, fsdp, ch
   params = steps.init_state(s1)['params']
   one = jax.tree.leaves(_step_grads(s1, params, _batch(s1)))
   s = _mesh_setup('float32', data, fsdp, chunks, world, group)
-  assert steps.chunk_layout(s.config, s.mesh) == layout
+  assert steps.chunk_layout(s.config, s.mesh.shape) == layout
   params_s = jax.device_put(params, s.state_shardings['params'])
   sharded = jax.tree.leaves(_step_grads(s, params_s, _batch(s)))
   for x, y in zip(sharded, one):  # float32 sums split over other devices: round-off only
@@ -287,7 +287,7 @@ def test_chunks_that_do_not_split_over_the_mesh_are_refused_with_the_fix():
                      r'set optim.chunk_group to one of \[4\]'):
     steps.check_batch_fits_mesh(c, _fake_mesh(4))
   c.optim.chunk_group = 0
-  assert steps.chunk_layout(c, _fake_mesh(4)) == (4, ('data',), ())  # 4 chunks on 4 devices
+  assert steps.chunk_layout(c, _fake_mesh(4).shape) == (4, ('data',), ())  # 4 chunks on 4 devices
   with pytest.raises(sharding.MeshError, match=r'--config.mesh.data=4 --config.mesh.fsdp=2'):
     steps.check_batch_fits_mesh(c, _fake_mesh(8))
   c.optim.chunk_group = 3

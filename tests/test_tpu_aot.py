@@ -67,7 +67,7 @@ def test_release_chunks_compile_and_their_loop_is_counted(batch, group):
   over = {'optim.global_batch_size': batch, 'optim.loss_chunks': 4, 'model.remat_policy': 'none'}
   c = _config(**over)
   c.baseline_faithful = True
-  assert steps.chunk_layout(c, type('M', (), {'shape': {'data': 1, 'fsdp': 4}})())[0] == group
+  assert steps.chunk_layout(c, {'data': 1, 'fsdp': 4, 'tensor': 1})[0] == group
   r = tpu_plan.compile_steps(c, 'v5e:2x2', with_eval=False)
   weighted = tpu_plan.compile_steps(_config(**over), 'v5e:2x2', with_eval=False)
   assert r['fits'] is True

@@ -132,7 +132,7 @@ def sequential_passes(config, mesh) -> int:
   from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
   if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
-    return config.optim.get('loss_chunks', 1) // steps.chunk_layout(config, mesh)[0]
+    return config.optim.get('loss_chunks', 1) // steps.chunk_layout(config, mesh.shape)[0]
   return config.optim.micro_batches
 
 

@@ -1,6 +1,7 @@
 """A plan search for a TPU slice: the settings a user would choose, ranked by the TPU compiler.
 
-Candidates: the mesh split of a slice (all data, all fsdp, fsdp x tensor 4), the remat policy
+Candidates: the mesh split of a slice (all data, all fsdp, fsdp x tensor 4; under the per-chunk
+backward also the release's chunks over data and their rows over fsdp), the remat policy
 ('none', 'save_dots', 'full') and, for each, the fewest micro-batches an analytical memory model
 says fit. They are ordered by an analytical cost (recompute, micro-batch and tensor overheads)
 and the first `max_compiles` that the model does not rule out are compiled by the TPU compiler
@@ -9,7 +10,6 @@ memory model only orders and prunes: every reported figure is the compiler's.
 """
 
 import math
-import types
 from typing import Any, Callable
 
 from gpas_jax import config as config_lib
@@ -50,12 +50,12 @@ def _torch_chunks(config, data: int, fsdp: int, tensor: int) -> tuple[int, float
   """Under grad_accumulation='torch': (micro-batches equivalent, per-chunk gradients per chip) of
   the mesh's chunk layout (steps.chunk_layout), or None if the mesh cannot split the chunks."""
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
-  mesh = types.SimpleNamespace(shape={'data': data, 'fsdp': fsdp, 'tensor': tensor})
+  shape = {'data': data, 'fsdp': fsdp, 'tensor': tensor}
   try:
-    group, chunk_axes, _ = steps.chunk_layout(config, mesh)
+    group, chunk_axes, _ = steps.chunk_layout(config, shape)
   except sharding.MeshError:
     return None
-  shards = math.prod(mesh.shape[a] for a in chunk_axes)
+  shards = math.prod(shape[a] for a in chunk_axes)
   # A chunk on devices of its own holds a whole gradient there, not fsdp's share of one.
   unsharded = fsdp if 'fsdp' in chunk_axes else 1
   return config.optim.loss_chunks // group, group / shards * unsharded
@@ -77,27 +77,25 @@ def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
       meshes.append((split, chips // split, 1))
   out = []
   for data, fsdp, tensor in meshes:
-    shards = data * slices * fsdp
-    micros = [k for k in (1, 2, 4, 8, 16, 32, 64) if b % k == 0 and (b // k) % shards == 0]
-    grads = 0.0
     if torch_form:  # micro_batches has no effect: the chunk layout sets what runs at once
       layout = _torch_chunks(config, data * slices, fsdp, tensor)
-      if layout is None:
-        continue
-      micros, grads = [layout[0]], layout[1]
+      micros, grads = ([layout[0]], layout[1]) if layout else ([], 0.0)
+    else:
+      shards = data * slices * fsdp
+      micros = [k for k in (1, 2, 4, 8, 16, 32, 64) if b % k == 0 and (b // k) % shards == 0]
+      grads = 0.0
+    if not micros:
+      continue
     for remat in ('none', 'save_dots', 'full'):
       fits = [k for k in micros if estimate_bytes(
           config, data * slices, fsdp, tensor, k, remat, grads) <= 0.9 * hbm]
-      if not micros:
-        continue
       k = fits[0] if fits else micros[-1]
       est = estimate_bytes(config, data * slices, fsdp, tensor, k, remat, grads)
       if est > 1.5 * hbm:
         continue
       score = REMAT_COST[remat] * (1 + 0.04 * (k - 1)) * (1.15 if tensor > 1 else 1.0)
       out.append({'mesh': (data * slices, fsdp, tensor), 'micro': 1 if torch_form else k,
-                  'remat': remat,
-                  'score': score, 'estimate': est})
+                  'remat': remat, 'score': score, 'estimate': est})
   # Plans the analytical model says fit come first: a compile of a clear misfit (7b's whole
   # per-chunk gradient on one v5e chip) can take longer than the plan that fits.
   return sorted(out, key=lambda c: (c['estimate'] > 0.9 * hbm, c['score']))

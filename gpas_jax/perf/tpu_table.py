@@ -84,14 +84,12 @@ def run_row(kind: str, size: str, slice_name: str) -> dict[str, Any]:
 
 def _accumulation(config, report: dict[str, Any]) -> dict[str, Any]:
   """How a row's gradient is formed: the release's chunks, how many run at once, and where."""
-  import types  # pylint: disable=import-outside-toplevel
   from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
   form = config_lib.effective(config, 'optim.grad_accumulation')
   out = {'grad_accumulation': form, 'loss_chunks': config.optim.loss_chunks}
   if form == 'torch':
-    group, chunk_axes, row_axes = steps.chunk_layout(
-        config, types.SimpleNamespace(shape=dict(report['mesh'])))
+    group, chunk_axes, row_axes = steps.chunk_layout(config, report['mesh'])
     out.update(chunk_group=group, chunk_axes=list(chunk_axes), row_axes=list(row_axes))
   return out
 

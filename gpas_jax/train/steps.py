@@ -3,7 +3,7 @@
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from flax import nnx
 import flax.linen as nn
@@ -38,10 +38,11 @@ class Setup:
   abstract_state: Any
 
 
-def chunk_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+def chunk_layout(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]
                  ) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
   """Under grad_accumulation='torch': (G, the data axes that split a group of G chunks, those
-  that split each chunk's rows); MeshError, naming what would fit, if the mesh splits neither.
+  that split each chunk's rows) on a mesh of `mesh_shape` (axis -> size); MeshError, naming
+  what would fit, if the mesh splits neither.
 
   G chunks run their backwards at once (a vmap), the K / G groups one after another:
   optim.chunk_group, or (0) the fewest the mesh can split, which is also the least memory.
@@ -49,31 +50,33 @@ def chunk_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   chunks = config.optim.get('loss_chunks', 1)
   rows = config.optim.global_batch_size // chunks
   axes = [a for a in sharding.rule_axes(sharding.rules_from_config(config), 'batch')
-          if mesh.shape[a] > 1]
-  ok = [g for g in range(1, chunks + 1) if chunks % g == 0 and _chunk_splits(axes, mesh, g, rows)]
+          if mesh_shape[a] > 1]
+  splits = {g: _chunk_splits(axes, mesh_shape, g, rows)
+            for g in range(1, chunks + 1) if chunks % g == 0}
+  ok = [g for g, fits in splits.items() if fits]
   group = config.optim.get('chunk_group', 0) or (ok[0] if ok else chunks)
   if group in ok:
-    return (group,) + _chunk_splits(axes, mesh, group, rows)[0]
-  shards = int(np.prod([mesh.shape[a] for a in axes]))
+    return (group,) + splits[group][0]
+  shards = math.prod(mesh_shape[a] for a in axes)
   fix = (f'set optim.chunk_group to one of {ok} (or 0: the fewest that fit)' if ok else
          f'use a mesh whose data axes split the chunks and their {rows} rows, e.g. '
-         f'--config.mesh.data={np.gcd(chunks, shards)} '
-         f'--config.mesh.fsdp={shards // np.gcd(chunks, shards)}')
+         f'--config.mesh.data={math.gcd(chunks, shards)} '
+         f'--config.mesh.fsdp={shards // math.gcd(chunks, shards)}')
   raise sharding.MeshError(
       f"optim.grad_accumulation='torch' runs one backward per chunk of {rows} sequences "
       f'(optim.global_batch_size / optim.loss_chunks={chunks}), {group} chunks at a time '
-      f'(optim.chunk_group); mesh data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = '
+      f'(optim.chunk_group); mesh data x fsdp = {mesh_shape["data"]} x {mesh_shape["fsdp"]} = '
       f'{shards} devices splits neither those chunks nor their rows evenly: {fix}.')
 
 
-def _chunk_splits(axes: list, mesh: jax.sharding.Mesh, group: int, rows: int) -> list:
+def _chunk_splits(axes: list, mesh_shape: Mapping[str, int], group: int, rows: int) -> list:
   """Every (chunk axes, row axes) split of `axes` dividing group and rows; fewest chunk shards
   first, so rows stay split over the most devices (one gradient per device where possible)."""
   out = []
   for mask in itertools.product((False, True), repeat=len(axes)):
     c = tuple(a for a, m in zip(axes, mask) if m)
     r = tuple(a for a, m in zip(axes, mask) if not m)
-    nc, nr = (int(np.prod([mesh.shape[a] for a in x])) for x in (c, r))
+    nc, nr = (math.prod(mesh_shape[a] for a in x) for x in (c, r))
     if group % nc == 0 and rows % nr == 0:
       out.append((nc, c, r))
   return [(c, r) for _, c, r in sorted(out)]
@@ -81,11 +84,11 @@ def _chunk_splits(axes: list, mesh: jax.sharding.Mesh, group: int, rows: int) ->
 
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """A batch the data axes cannot split is rejected before compiling, with the numbers."""
+  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+    chunk_layout(config, mesh.shape)
+    return
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   micro = config.optim.global_batch_size // config.optim.micro_batches
-  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
-    chunk_layout(config, mesh)
-    return
   if micro % shards:
     raise sharding.MeshError(
         f'the micro-batch of {micro} sequences (optim.global_batch_size='
@@ -191,13 +194,12 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
   steps = chunks // world
   packed = c.data.layout == 'packed'
   loss_fn = _loss_fn(s, weighted=True)
-  group, chunk_axes, row_axes = chunk_layout(c, s.mesh)
-  groups = chunks // group
+  group, chunk_axes, row_axes = chunk_layout(c, s.mesh.shape)
   # [M groups, G chunks, b rows]: chunk k = m * G + g, rows [k*b, (k+1)*b) as in the release.
   spec = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
       None, chunk_axes or None, row_axes or None, None))
   split = lambda x: jax.lax.with_sharding_constraint(
-      x.reshape((groups, chunks // groups, x.shape[0] // chunks) + x.shape[1:]), spec)
+      x.reshape((chunks // group, group, x.shape[0] // chunks) + x.shape[1:]), spec)
   rows = {k: split(v) for k, v in batch.items() if k in ('input_ids', 'segment_ids')}
 
   def chunk_grad(p, chunk):
@@ -210,14 +212,15 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
     loss, grads = grad_fn(p)
     return (loss, count), grads
 
-  def group_grad(p, group):
-    if chunks == groups:  # one chunk a group: no vmap, its rows over every data axis
-      return jax.tree.map(lambda x: x[None], chunk_grad(p, jax.tree.map(lambda x: x[0], group)))
+  def group_grad(p, chunks_G):
+    if group == 1:  # one chunk a group: no vmap, its rows over every data axis
+      one = chunk_grad(p, jax.tree.map(lambda x: x[0], chunks_G))
+      return jax.tree.map(lambda x: x[None], one)
     # A group's chunks run at once; inside, the rows of one chunk are what the data axes left
     # to them split (the rules without the chunk axes, which vmap's spmd_axis_name holds).
     with nn.logical_axis_rules(sharding.without_axes(s.rules, chunk_axes)):
       return jax.vmap(chunk_grad, in_axes=(None, 0),
-                      spmd_axis_name=chunk_axes or None)(p, group)
+                      spmd_axis_name=chunk_axes or None)(p, chunks_G)
 
   return torch_accum.release_gradient(group_grad, params, rows, world)
 
