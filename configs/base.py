@@ -93,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer_vocab_size = 32_000
   d.cache_dir = ''  # '' -> ~/.cache/gpas_jax
   d.max_length = 256
-  d.layout = 'padded'  # 'padded' (baseline: one document per sample) | 'packed'
+  # 'padded' (the baseline: one document per sample; rows as on one host, any host count) |
+  # 'packed' (packed per host by design: its rows depend on the host count, which a resume keeps)
+  d.layout = 'padded'
   d.pad_id = 0
   d.eos_id = 1
   d.worker_count = 0
@@ -161,6 +163,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.debug.inject_nan_step = -1  # poison this step's loss and gradients with NaN
   c.debug.inject_nan_count = 1  # ... and the steps after it, this many in all
   c.debug.sigterm_at_step = -1  # send this process SIGTERM after this step (preemption)
+  c.debug.sigterm_process = -1  # ... only on this host (-1: every host)
+  c.debug.interleave_hosts = False  # mesh order alternating hosts, as a TPU torus's can be
   c.debug.sigint_at_step = -1  # send this process SIGINT (Ctrl-C) after this step
   c.debug.sigkill_at_step = -1  # SIGKILL this process once this step's checkpoint is saved
   c.debug.sigstop_at_step = -1  # SIGSTOP it there (a test then breaks storage and resumes it)

@@ -1,6 +1,7 @@
 """The device mesh, the logical-axis rules table, and shardings of state and batches."""
 
 import contextlib
+import functools
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -80,6 +81,17 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(arr, MESH_AXES, axis_types=axis_types)
 
 
+def interleave_hosts(devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+  """The devices in an order that alternates hosts (each host's first device, then each second,
+  ...): a host's devices are then not contiguous along the mesh, as on a TPU torus."""
+  devices = list(jax.devices() if devices is None else devices)
+  seen, keys = {}, []
+  for i, d in enumerate(devices):
+    rank = seen[d.process_index] = seen.get(d.process_index, -1) + 1
+    keys.append((rank, d.process_index, i))
+  return [devices[i] for _, _, i in sorted(keys)]
+
+
 def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
   """The rules table: the config's `mesh.rules` if set, else DEFAULT_RULES."""
   rules = config.mesh.get('rules', None) if hasattr(config, 'mesh') else None
@@ -131,3 +143,51 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches split their leading axis over the data axes."""
   return NamedSharding(mesh, logical_to_spec(('batch', None)))
+
+
+@functools.lru_cache(maxsize=64)
+def row_blocks(sharding: jax.sharding.Sharding, process_index: int | None = None
+               ) -> tuple[int, int]:
+  """(blocks a batch's rows split into, blocks held by one host's devices)."""
+  if process_index is None:
+    process_index = jax.process_index()
+  n = sharding.num_devices
+  index = sharding.devices_indices_map((n,))
+  every = {i[0].indices(n) for i in index.values()}
+  held = {i[0].indices(n) for d, i in index.items() if d.process_index == process_index}
+  return len(every), len(held)
+
+
+@functools.lru_cache(maxsize=64)
+def host_rows(sharding: jax.sharding.Sharding, rows: int, process_index: int | None = None
+              ) -> np.ndarray:
+  """The global rows of a batch of `rows` that land on one host's devices, ascending.
+
+  A host reads exactly these rows of each global batch, so global row r is stream row r on any
+  host count and any device order (on a TPU torus a host's chips need not be contiguous along
+  the batch axis: v5e:16x16 over 1 x 256 x 1 gives host 0 rows 0-3 and 32-35 of 512).
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  held = set()
+  for device, index in sharding.devices_indices_map((rows,)).items():
+    if device.process_index == process_index:
+      held.update(range(*index[0].indices(rows)))
+  out = np.array(sorted(held), dtype=np.int64)
+  out.setflags(write=False)  # cached: shared by every caller
+  return out
+
+
+def global_rows_array(sharding: jax.sharding.Sharding, local_NxL: np.ndarray, rows: np.ndarray,
+                      total: int) -> jax.Array:
+  """A global [total, ...] array from this host's rows (local_NxL[i] is global row rows[i])."""
+  local_NxL = np.asarray(local_NxL)
+  if len(local_NxL) != len(rows):
+    raise ValueError(f'{len(local_NxL)} local rows for the {len(rows)} this host holds.')
+
+  def shard(index: tuple[slice, ...]) -> np.ndarray:
+    start, stop, _ = index[0].indices(total)
+    at = int(np.searchsorted(rows, start))
+    return local_NxL[at:at + stop - start][(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback((total,) + local_NxL.shape[1:], sharding, shard)

@@ -91,3 +91,74 @@ def child_env(server: Server, **extra: str) -> dict[str, str]:
   env.update(server.env(), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **extra)
   check_local(env)
   return env
+
+
+class RefusingProxy:
+  """A proxy in front of a Server (in a thread of the test process) that answers 403 to every
+  download of an object whose name matches `refuse`: one host's view of a bucket it may no
+  longer read (a service-account change), while the other hosts reach the server directly."""
+
+  def __init__(self, server: Server, refuse: str):
+    import http.client  # pylint: disable=import-outside-toplevel
+    import http.server  # pylint: disable=import-outside-toplevel
+    import re  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    import urllib.parse  # pylint: disable=import-outside-toplevel
+    pattern, upstream = re.compile(refuse), server.port
+    self.refused = 0
+    proxy = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = 'HTTP/1.1'
+
+      def _forward(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        name = urllib.parse.unquote(self.path.split('?', 1)[0])
+        if self.command == 'GET' and 'alt=media' in self.path and pattern.search(name):
+          proxy.refused += 1
+          data = b'{"error": {"code": 403, "message": "caller does not have storage.objects.get"}}'
+          self.send_response(403)
+          self.send_header('Content-Type', 'application/json')
+          self.send_header('Content-Length', str(len(data)))
+          self.end_headers()
+          self.wfile.write(data)
+          return
+        conn = http.client.HTTPConnection('127.0.0.1', upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ('connection', 'transfer-encoding', 'content-length')}
+        conn.request(self.command, self.path, body=body or None, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+          if k.lower() not in ('connection', 'transfer-encoding', 'content-length'):
+            self.send_header(k, v)
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+      def _quiet_forward(self):
+        try:
+          self._forward()
+        except (BrokenPipeError, ConnectionResetError):  # a host exited mid-answer
+          self.close_connection = True
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _quiet_forward
+
+      def log_message(self, *args):  # quiet
+        pass
+
+    self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.port = self._httpd.server_address[1]
+    self.url = f'http://127.0.0.1:{self.port}'
+    self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+    self._thread.start()
+
+  def env(self) -> dict[str, str]:
+    """The two variables that point a host at the proxy instead of the server."""
+    return {'STORAGE_EMULATOR_HOST': self.url, 'TENSORSTORE_GCS_HTTP_URL': self.url}
+
+  def stop(self) -> None:
+    self._httpd.shutdown()
+    self._httpd.server_close()

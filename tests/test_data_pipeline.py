@@ -151,12 +151,14 @@ def test_two_hosts_split_the_stream_and_padded_resumes_on_any_host_count(cache, 
         _row_texts(sp, whole))
     for h in range(2):
       seen[h] += _row_texts(sp, parts[h])
-  # Stream position 4k + h + 2j is row j of host h's batch k: within the first epoch the hosts'
-  # documents are disjoint and together cover the split.
+      assert _row_texts(sp, parts[h]) == _row_texts(sp, whole)[2 * h:2 * h + 2]  # its rows
+  # Stream position 4k + r is global row r of batch k; by default host h holds rows 2h, 2h + 1
+  # (its contiguous block): within the first epoch the hosts' documents are disjoint and
+  # together cover the split.
   by_host = [set(), set()]
   for pos in range(n):
     k, r = divmod(pos, 4)
-    by_host[r % 2].add(seen[r % 2][2 * k + r // 2])
+    by_host[r // 2].add(seen[r // 2][2 * k + r % 2])
   train = sources.open_split(c, 'train').source
   every = {sources.record_text(train[i], 'text') for i in range(n)}
   assert not by_host[0] & by_host[1] and by_host[0] | by_host[1] == every
@@ -166,6 +168,67 @@ def test_two_hosts_split_the_stream_and_padded_resumes_on_any_host_count(cache, 
   resumed = make_train_iterator(c, 0, 1)
   resumed.set_state(state)
   assert _equal(_take(resumed, 3), _take(single, 3))
+
+
+def _rows_file(c, path, rows: int) -> str:
+  """A .npy of padded token rows of varying lengths (the tokens source)."""
+  rng = np.random.default_rng(0)
+  ids = np.zeros((rows, c.data.max_length), np.int32)
+  for i in range(rows):
+    n = int(rng.integers(2, c.data.max_length))
+    ids[i, :n] = rng.integers(2, c.model.vocab_size, n)
+    ids[i, n] = c.data.eos_id
+  np.save(path, ids)
+  return str(path)
+
+
+@pytest.mark.parametrize('source', ['text_folder', 'tokens'])
+def test_hosts_read_the_rows_their_devices_hold_in_any_order(cache, numbered, tmp_path, source):
+  """Four hosts whose devices alternate along the batch axis (a TPU torus's order: host h holds
+  global rows h and h + 4 of 8): each reads exactly those rows, so the batch its devices make up
+  is row for row one host's batch; the eval batches too, and a save on 4 hosts resumes on 1."""
+  c = _config(cache, batch=8, source='text_folder', text_dir=str(numbered), max_length=64)
+  c.data.eval_batch_size = 8
+  if source == 'tokens':
+    c.data.source, c.data.tokens_path = 'tokens', _rows_file(c, tmp_path / 'rows.npy', 40)
+    c.data.eval_tokens_path = _rows_file(c, tmp_path / 'eval.npy', 24)
+  held = [[h, h + 4] for h in range(4)]
+  hosts = [make_train_iterator(c, h, 4, rows=held[h]) for h in range(4)]
+  single = make_train_iterator(c, 0, 1)
+  for _ in range(6):  # past the end of the token rows: they start again from the top
+    whole, placed = next(single), {}
+    for h, it in enumerate(hosts):
+      part = next(it)
+      for k, v in part.items():
+        placed.setdefault(k, np.zeros_like(whole[k]))[held[h]] = v
+    assert _equal([placed], [whole])
+  resumed = make_train_iterator(c, 0, 1)
+  resumed.set_state(json.loads(json.dumps(hosts[2].get_state())))
+  assert _equal(_take(resumed, 2), _take(single, 2))
+  whole = list(make_eval_batches(c, 0, 1))
+  parts = [list(make_eval_batches(c, h, 4, host_rows=held[h])) for h in range(4)]
+  for b, *host_parts in zip(whole, *parts):
+    placed = np.zeros_like(b['input_ids'])
+    for h, part in enumerate(host_parts):
+      placed[held[h]] = part['input_ids']
+    assert np.array_equal(placed, b['input_ids'])
+  with pytest.raises(DataError, match='not ascending rows'):
+    make_train_iterator(c, 0, 4, rows=[4, 0])
+
+
+def test_eval_set_is_tokenized_once_per_run(cache, monkeypatch):
+  c = _config(cache)
+  c.data.eval_batch_size, c.data.eval_tokens = 8, 3000
+  passes = []
+  real = layouts.tokenized_documents
+  monkeypatch.setattr(layouts, 'tokenized_documents',
+                      lambda *a, **k: passes.append(1) or real(*a, **k))
+  batches = make_eval_batches(c, 0, 1)
+  first, second = list(batches), list(batches)
+  assert len(passes) == 1 and _equal(first, second) and len(first) > 1
+  cut = make_eval_batches(c, 0, 1)
+  next(iter(cut))  # a pass stopped early is not kept: the next one reads the split again
+  assert _equal(list(cut), first) and len(passes) == 3
 
 
 def test_epochs_cover_the_split_and_reshuffle(cache, numbered):

@@ -13,6 +13,7 @@ from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train import faults
 from gpas_jax.train import integrity
 from gpas_jax.train import loading
+from gpas_jax.train import restore as restore_lib
 from gpas_jax.train import steps
 from gpas_jax.train import trainer
 from tests.helpers import tiny_train_config
@@ -111,7 +112,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(
   from gpas_jax import data as data_lib
   it = data_lib.make_train_iterator(c)
   with caplog.at_level('WARNING'):
-    state, step = ckpt.restore_latest_intact(manager, s.abstract_state, it, workdir,
+    state, step = restore_lib.restore_latest_intact(manager, s.abstract_state, it, workdir,
                                              lambda *a: None)
   assert step == 3 and int(state['step']) == 3
   assert it.get_state()['batches'] == 3  # the data stream resumes with the state

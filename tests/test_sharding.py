@@ -1,8 +1,11 @@
 """The mesh from the config, the logical-axis rules, and constraints at block boundaries."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -45,3 +48,32 @@ def test_constraints_are_identity_without_a_mesh_and_present_with_one():
   assert 'sharding_constraint' not in plain
   # the embedding, each layer's output and MLP hidden (and attention heads), the logits
   assert sharded.count('sharding_constraint') >= 2 + 2 * cfg.num_layers
+
+
+def test_interleaved_hosts_hold_rows_apart_and_rows_build_the_global_batch():
+  devices = [types.SimpleNamespace(id=i, process_index=i // 2) for i in range(8)]
+  order = sharding.interleave_hosts(devices)
+  assert [d.process_index for d in order] == [0, 1, 2, 3, 0, 1, 2, 3]
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 8, 'fsdp': 1, 'tensor': 1}))
+  with sharding.use_mesh(mesh):
+    s = sharding.batch_sharding(mesh)
+  assert sharding.row_blocks(s) == (8, 8)
+  np.testing.assert_array_equal(sharding.host_rows(s, 16), np.arange(16))
+  x = np.arange(16 * 3).reshape(16, 3)
+  np.testing.assert_array_equal(np.asarray(sharding.global_rows_array(s, x, np.arange(16), 16)), x)
+
+
+def test_a_tpu_pods_hosts_hold_rows_apart_and_together_hold_each_once():
+  """v5e:16x16 (64 hosts of 4 chips) over the 1b mesh 1 x 256 x 1, the topology's own order:
+  host 0 holds rows 0-3 and 32-35 of 512, so it must read those, not a block of 8."""
+  pytest.importorskip('libtpu', reason='the TPU topology needs the tpu extra')
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  devices = topologies.get_topology_desc(platform='tpu', topology_name='v5e:16x16').devices
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 256, 'tensor': 1}),
+                            devices)
+  with sharding.use_mesh(mesh):
+    s = sharding.batch_sharding(mesh)
+  rows = [sharding.host_rows(s, 512, p) for p in range(64)]
+  assert rows[0].tolist() == [0, 1, 2, 3, 32, 33, 34, 35]
+  assert sorted(np.concatenate(rows).tolist()) == list(range(512))
+  assert sharding.row_blocks(s, 0) == (256, 4)  # its 4 chips, 2 rows each

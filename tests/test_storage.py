@@ -22,7 +22,6 @@ from gpas_jax.train import faults
 from gpas_jax.train import lock as lock_lib
 from tests import gcs
 from tests.helpers import DATA_CACHE
-from tests.helpers import free_port
 from tests.helpers import tiny_train_config
 
 ROOT = gcs.ROOT
@@ -331,59 +330,22 @@ def test_the_storage_server_gone_mid_run_fails_the_save_then_the_run_resumes(
     s.stop()
 
 
-def test_a_pod_in_miniature_two_hosts_checkpoint_to_one_bucket_killed_and_resumed(
-    server, tmp_path):
-  """Two processes (jax.distributed on 127.0.0.1) on one gs:// workdir: Orbax's multi-host save
-  to the bucket, both killed after a save, both resumed: the one-process run's losses."""
-  from tests.test_multiprocess import _train_one_process  # pylint: disable=import-outside-toplevel
-  cfg_file = tmp_path / 'two_hosts.py'
-  cfg_file.write_text(textwrap.dedent('''
-      from tests.helpers import tiny_train_config
-
-      def get_config():
-        c = tiny_train_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=4)
-        c.mesh.data = -1
-        c.model.scan_layers = True
-        return c
-  '''))
-  workdir = 'gs://bkt/pod/run'
-  env = gcs.child_env(server)
-  env.pop('XLA_FLAGS', None)
-
-  def hosts(*flags):
-    port = free_port()
-    return [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={cfg_file}',
-         f'--workdir={workdir}', f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-         '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}', *flags],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-
-  def finish(procs, timeout=240):
-    outs = []
-    for p in procs:
-      try:
-        outs.append(p.communicate(timeout=timeout)[0])
-      except subprocess.TimeoutExpired:
-        p.kill()  # a host left waiting for its killed peer
-        outs.append(p.communicate()[0])
-      timeout = 30
-    return outs
-
-  killed = hosts('--config.debug.sigkill_at_step=2')
-  outs = finish(killed)
-  assert killed[0].returncode == -signal.SIGKILL, outs[0][-3000:]
-  assert storage.is_file(f'{workdir}/checkpoints/2/commit_success.txt')
-  assert sorted(storage.walk(f'{workdir}/checkpoints/2/data')) == [
-      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
-  resumed = hosts()
-  outs = finish(resumed)
-  for i, (p, out) in enumerate(zip(resumed, outs)):
-    assert p.returncode == 0, f'host {i}:\n{out[-4000:]}'
-  assert 'resumed from  step 2' in outs[0]
-  one_dir = tmp_path / 'one_process'
-  _train_one_process(str(one_dir))  # the same global batch on one process, 2 devices
-  two, one = _losses(workdir), _losses(str(one_dir))
-  assert sorted(two) == sorted(one) == [1, 2, 3, 4]
-  # The hosts' rows interleave, so token sums run in another order: fp32 rounding, ~1e-7.
-  np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
+def test_a_cut_move_of_a_damaged_step_in_a_bucket_is_finished_by_the_next_run(server):
+  from gpas_jax.train import restore  # pylint: disable=import-outside-toplevel
+  run = 'gs://bkt/cutmove/run'
+  src, dest = f'{run}/checkpoints/6', f'{run}/checkpoints_damaged/6'
+  files = ['commit_success.txt', 'meta/metadata', 'state/d/abc', 'state/manifest.ocdbt']
+  for cut in ('copying', 'deleting'):
+    for name in files:
+      storage.write_bytes(f'{src}/{name}', name.encode())
+    # A bucket has no rename: the move copies, then deletes; cut in either half.
+    storage.write_json(dest + restore.JOURNAL, {'from': src, 'to': dest})
+    storage.write_bytes(f'{dest}/{files[0]}', files[0].encode())
+    if cut == 'deleting':
+      storage.copy_tree(src, dest)
+      storage.remove(f'{src}/{files[0]}')
+    restore.finish_moves(run)
+    assert storage.walk(dest) == files, cut
+    assert all(storage.read_bytes(f'{dest}/{n}') == n.encode() for n in files)
+    assert not storage.exists(f'{src}/{files[1]}') and not storage.exists(dest + restore.JOURNAL)
+    storage.path(dest).rmtree()

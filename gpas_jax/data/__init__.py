@@ -20,10 +20,11 @@ _EXPORTS = {
     'make_train_iterator': 'pipeline',
     'train_tokenizer': 'tokenizer',
     'validate_data': 'validate',
+    'workers_row': 'workers',
 }
 __all__ = [
     'DataError', 'EvalBatches', 'TrainIterator', 'get_tokenizer', 'load_tokenizer', 'loss_mask',
-    'make_eval_batches', 'make_train_iterator', 'train_tokenizer', 'validate_data',
+    'make_eval_batches', 'make_train_iterator', 'train_tokenizer', 'validate_data', 'workers_row',
 ]
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
   from gpas_jax.data.pipeline import TrainIterator
   from gpas_jax.data.tokenizer import get_tokenizer, load_tokenizer, train_tokenizer
   from gpas_jax.data.validate import validate_data
+  from gpas_jax.data.workers import workers_row
 
 
 def __getattr__(name: str) -> Any:

@@ -5,9 +5,10 @@ Files:
         (what the baseline's loader yields), or already-packed rows for the 'packed' layout.
   .bin  a flat token stream of data.tokens_dtype (uint16 or uint32, no header: the layout many GPT
         trainers write), documents separated by eos_id; cut into rows of max_length ('packed').
-Order: global batch u is rows [u*B, (u+1)*B) (B = optim.global_batch_size); host h of P takes
-the contiguous rows [u*B + h*B/P, u*B + (h+1)*B/P), so the global batch keeps the file's row
-order (chunk k of optim.loss_chunks is rows [k*b, (k+1)*b) of it). After the last full batch the
+Order: global batch u is rows [u*B, (u+1)*B) (B = optim.global_batch_size); a host reads the
+rows u*B + r for the global rows r its devices hold (runs of them, one ranged read each), so the
+global batch keeps the file's row order on any host count and device order (chunk k of
+optim.loss_chunks is rows [k*b, (k+1)*b) of it). After the last full batch the
 rows start again from the top. The iterator's state is the next global batch index: a checkpoint
 resumes exactly, on any host count.
 Segment ids: 'padded' 1 on tokens, 0 on pad_id; 'packed' a new id after every eos_id (0 on pad_id).
@@ -158,10 +159,12 @@ def row_batch(ids_BxT: np.ndarray, layout: str, pad_id: int, eos_id: int) -> dic
 class _HostBatches:
   """Random access to this host's part of global batch u (grain reads it by index)."""
 
-  def __init__(self, rows: Rows, config: ml_collections.ConfigDict, host: int, hosts: int):
+  def __init__(self, rows: Rows, config: ml_collections.ConfigDict, mine: np.ndarray):
     d = config.data
     self._rows, self._b = rows, config.optim.global_batch_size
-    self._lo, self._hi = host * self._b // hosts, (host + 1) * self._b // hosts
+    # Runs of consecutive rows: [(first, end), ...], one ranged read each.
+    cuts = np.flatnonzero(np.diff(mine) != 1) + 1
+    self._runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(np.asarray(mine), cuts)]
     self._layout, self._pad, self._eos = d.layout, d.pad_id, d.eos_id
     self._batches = len(rows) // self._b
 
@@ -170,8 +173,8 @@ class _HostBatches:
 
   def __getitem__(self, u: int) -> dict[str, np.ndarray]:
     start = (u % self._batches) * self._b
-    return row_batch(self._rows[start + self._lo:start + self._hi], self._layout, self._pad,
-                     self._eos)
+    ids = np.concatenate([self._rows[start + lo:start + hi] for lo, hi in self._runs])
+    return row_batch(ids, self._layout, self._pad, self._eos)
 
 
 def description(path: str, rows: Rows, layout: str) -> str:
@@ -179,16 +182,17 @@ def description(path: str, rows: Rows, layout: str) -> str:
   return f'tokens:{storage.absolute(path)}:{rows.shape[0]}x{rows.shape[1]}:{layout}'
 
 
-def train_iterator(config: ml_collections.ConfigDict, host: int, hosts: int
+def train_iterator(config: ml_collections.ConfigDict, host: int, hosts: int, mine: np.ndarray
                    ) -> tuple[grain.DatasetIterator, dict[str, Any]]:
-  """This host's endless train batches over the token rows, and the meta its state records."""
+  """This host's endless train batches over the token rows (its global rows `mine` of each
+  batch), and the meta its state records."""
   d = config.data
   rows = load_rows(d.tokens_path, config, 'data.tokens_path')
   batch = config.optim.global_batch_size
   if len(rows) < batch:
     raise DataError(f'data.tokens_path={d.tokens_path!r} has {len(rows)} rows, fewer than one '
                     f'global batch (optim.global_batch_size={batch}).')
-  source = _HostBatches(rows, config, host, hosts)
+  source = _HostBatches(rows, config, mine)
   if len(source) * batch < len(rows):
     logging.warning('data.tokens_path has %d rows: the last %d (less than a batch) are not used.',
                     len(rows), len(rows) - len(source) * batch)

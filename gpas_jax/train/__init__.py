@@ -5,7 +5,8 @@
   optim        schedule, clipping, accumulation, precision of the Adam state
   torch_optim  torch's Adam and clip_grad_norm_ arithmetic as optax transformations
   torch_accum  the release's bf16 chunk accumulation (a backward per chunk, DDP's 1/W)
-  checkpoint   Orbax manager, restore onto any mesh, data-iterator state, fallback
+  checkpoint   Orbax manager, saves, a read onto any mesh, data-iterator state
+  restore      one restore decision for every host: damage proven, moved aside under a journal
   integrity    checksums of every saved array, computed on device
   workdir      finished runs, resume checks, torn-line repair (and the lock's entry point)
   lock         WORKDIR/lock: flock on a local disk, a heartbeat object in a bucket

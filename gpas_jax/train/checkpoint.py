@@ -1,16 +1,16 @@
 """Orbax checkpoints: async saves, keep-last-K, resume, restore onto any mesh, data-iterator state.
 
 Every save records a checksum of each array (integrity.py) in its meta item; a restore verifies
-them. Resuming takes the newest intact checkpoint: a damaged or incomplete one is named (step,
-path, cause) and moved to WORKDIR/checkpoints_damaged, never deleted. A failed asynchronous save
-is raised at the next step boundary (Saver.poll) as CheckpointSaveError.
+them. Which step a run resumes from, and what counts as damage, is decided for all hosts at once
+in restore.py. A failed asynchronous save is raised at the next step boundary (Saver.poll) as
+CheckpointSaveError.
 """
 
 import errno
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -20,8 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from gpas_jax import storage
-from gpas_jax.config import ConfigError
-from gpas_jax.train.faults import CheckpointError, CheckpointSaveError
+from gpas_jax.train.faults import CheckpointDamageError, CheckpointSaveError
 from gpas_jax.train import integrity
 
 STATE, DATA, META = 'state', 'data', 'meta'
@@ -67,6 +66,11 @@ def _bound_gcs_retries() -> None:
     context.setdefault('gcs_request_retries', dict(GCS_RETRIES))
 
 
+def _handlers() -> dict[str, Any]:
+  return {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+          META: ocp.JsonCheckpointHandler()}
+
+
 def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """A manager that keeps the last `checkpoint_keep` steps and saves asynchronously."""
   if storage.is_url(workdir):
@@ -74,11 +78,22 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint_keep, create=True,
       enable_async_checkpointing=config.checkpoint_async)
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options,
-      item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                     DATA: grain.checkpoint.CheckpointHandler(),
-                     META: ocp.JsonCheckpointHandler()})
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=_handlers())
+
+
+def _reader() -> ocp.Checkpointer:
+  """Reads a step on this host alone, with none of Orbax's barriers between hosts.
+
+  Orbax ends every restore with a device-collective barrier that has no timeout: a host whose
+  read failed never reaches it and the others would wait forever. The hosts compare their
+  outcomes through distributed.exchange instead (restore.py), which has a bound.
+  """
+  me = jax.process_index()
+  return ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(**_handlers()),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me}))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -99,7 +114,8 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The run metadata saved with `step` (process count, mesh, checksums)."""
-  meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  meta = _reader().restore(step_dir(manager, step),
+                           args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
   if not isinstance(meta, dict):
     raise ValueError(f'the meta item of step {step} is {type(meta).__name__}, not a JSON object.')
   return meta
@@ -127,7 +143,7 @@ def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[i
 
 
 def verify(state: Any, meta: dict[str, Any], step: int, where: str) -> None:
-  """Raises CheckpointError when a restored array differs from the checksum saved with it."""
+  """Raises CheckpointDamageError when a restored array differs from the checksum saved with it."""
   expected = meta.get(CHECKSUMS)
   if expected is None:
     logging.warning('Checkpoint step %d (%s) has no checksums (saved by an older version); '
@@ -137,16 +153,16 @@ def verify(state: Any, meta: dict[str, Any], step: int, where: str) -> None:
   if bad:
     reason = (f'{len(bad)} array(s) differ from their saved checksums ({", ".join(bad[:4])}'
               f'{", ..." if len(bad) > 4 else ""})')
-    error = CheckpointError(f'checkpoint step {step} at {where} is damaged: {reason}.')
+    error = CheckpointDamageError(f'checkpoint step {step} at {where} is damaged: {reason}.')
     error.reason = reason
     raise error
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
-  """Restores the state onto the shardings of `abstract_state` (any mesh) and the iterator.
+def read(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+         data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+  """Reads the state onto the shardings of `abstract_state` (any mesh) and sets the iterator.
 
-  The arrays are verified against the checksums saved with them (CheckpointError if not).
+  This host's reads only, no collective: verify() the result once every host has read it.
   """
   meta = read_meta(manager, step)
   args = {STATE: ocp.args.StandardRestore(abstract_state)}
@@ -162,9 +178,16 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
       if not first.exists():
         raise RuntimeError(f'checkpoint step {step} has no data iterator state in {path}.')
       data_iterator.set_state(json.loads(first.read_text()))
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
-  verify(restored[STATE], meta, step, str(step_dir(manager, step)))
+  restored = _reader().restore(step_dir(manager, step), args=ocp.args.Composite(**args))
   return restored[STATE], meta
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any = None) -> tuple[Any, dict[str, Any]]:
+  """read() then verify(): the arrays checked against their saved checksums (CheckpointError)."""
+  state, meta = read(manager, step, abstract_state, data_iterator)
+  verify(state, meta, step, str(step_dir(manager, step)))
+  return state, meta
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -197,15 +220,6 @@ def cause(e: BaseException) -> str:
   return f'{type(e).__name__}: ' + (f'{reason} ({text})' if reason else text)
 
 
-def is_damage(e: BaseException) -> bool:
-  """True for errors that mean damaged or incomplete files, not a config or transient fault."""
-  if isinstance(e, (ConfigError, MemoryError)):  # DataError, ResumeError: the config's fault
-    return False
-  if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
-    return False  # permissions, network storage: moving the checkpoint away would not help
-  return True
-
-
 def tree_mismatch(shapes: dict[str, tuple[int, ...]], abstract_state: Any) -> list[str]:
   """How a saved state's leaves differ from the state this config builds, one line each."""
   want = {integrity.path_str(p): tuple(x.shape)
@@ -215,67 +229,6 @@ def tree_mismatch(shapes: dict[str, tuple[int, ...]], abstract_state: Any) -> li
   out += [f'{p}: saved shape {shapes[p]}, this config {want[p]}'
           for p in sorted(set(want) & set(shapes)) if shapes[p] != want[p]]
   return out
-
-
-def _quarantine(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> str:
-  """Moves damaged step folders out of Orbax's way into WORKDIR/checkpoints_damaged."""
-  target = storage.join(storage.absolute(workdir), DAMAGED_DIR)
-  if jax.process_index() == 0:
-    for step in steps:
-      dest, n = storage.join(target, str(step)), 1
-      while storage.exists(dest):
-        dest, n = storage.join(target, f'{step}.{n}'), n + 1
-      storage.move_tree(step_dir(manager, step), dest)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices('gpas_jax:quarantine')
-  manager.reload()
-  return target
-
-
-def restore_latest_intact(
-    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any, workdir: str,
-    check: Callable[[int, dict[str, tuple[int, ...]], dict[str, Any] | None], None],
-) -> tuple[Any, int] | None:
-  """(state, step) of the newest intact checkpoint, None when there is no checkpoint.
-
-  `check(step, saved_shapes, data_state)` raises when this config cannot continue the run (that
-  propagates). Damaged or incomplete newer checkpoints are logged by step, path and cause and
-  moved to WORKDIR/checkpoints_damaged; when every checkpoint is damaged, CheckpointError.
-  """
-  damaged, result = [], None
-  for step in sorted(manager.all_steps(), reverse=True):
-    where = str(step_dir(manager, step))
-    try:
-      try:
-        shapes, data_state = saved_shapes(manager, step), read_data_state(manager, step)
-      except Exception as e:  # pylint: disable=broad-except
-        if not is_damage(e):
-          raise
-        damaged.append((step, where, cause(e)))
-        continue
-      check(step, shapes, data_state)
-      state, _ = restore(manager, step, abstract_state, data_iterator)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_damage(e):
-        raise
-      damaged.append((step, where, getattr(e, 'reason', None) or cause(e)))
-      continue
-    result = (state, step)
-    break
-  for step, where, why in damaged:
-    logging.error('Checkpoint step %d at %s is damaged or incomplete: %s', step, where, why)
-  if damaged and result is None:
-    raise CheckpointError(
-        f'every checkpoint in {manager.directory} is damaged or incomplete (steps '
-        f'{", ".join(str(d[0]) for d in damaged)}; the log names the cause of each). Nothing was '
-        'moved or deleted. Move them away to start afresh, or use a new --workdir.')
-  if damaged:
-    target = _quarantine(manager, [d[0] for d in damaged], workdir)
-    logging.warning('Resuming from step %d, the newest intact checkpoint; the damaged step(s) %s '
-                    'were moved to %s (nothing deleted).', result[1],
-                    ', '.join(str(d[0]) for d in damaged), target)
-  return result
 
 
 class Saver:

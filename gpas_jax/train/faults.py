@@ -6,6 +6,8 @@ Exit codes of train.py (docs/RELIABILITY.md):
   2   refused: a bad config, data input, workdir (locked, incompatible resume, damaged checkpoints)
   3   diverged: a non-finite loss or gradient (nan_policy=stop, or past the nan_policy=skip limits)
   4   a checkpoint could not be saved (disk full, permissions, storage errors)
+  5   a checkpoint could not be read for a reason that says nothing about its files (permission
+      refused, the storage server unreachable, out of memory): every host stops, nothing moved
   75  stopped early by SIGTERM or Ctrl-C after saving a checkpoint: rerun the command to resume
   130 aborted by a second Ctrl-C (nothing saved after the first)
 Imports no jax, so train.py can use it before jax.distributed starts.
@@ -21,6 +23,7 @@ from gpas_jax.config import ConfigError
 from gpas_jax.runtime import cli
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_DIVERGED, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
+EXIT_RESTORE_FAILED = 5
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later (a requeue wrapper resubmits)
 EXIT_ABORTED = 130  # 128 + SIGINT, the shell's convention
 
@@ -44,6 +47,16 @@ class StorageError(RunError):
 
 class CheckpointError(RunError):
   """No intact checkpoint to restore (every one damaged), or a requested one is damaged."""
+
+
+class CheckpointDamageError(CheckpointError):
+  """Bytes read from a checkpoint are invalid (a checksum mismatch): proof that it is damaged."""
+
+
+class RestoreError(RunError):
+  """A checkpoint could not be read, and the error proves nothing about its files (storage,
+  memory, a bug): every host stops with this code, and nothing is moved."""
+  exit_code = EXIT_RESTORE_FAILED
 
 
 class CheckpointSaveError(RunError):

@@ -3,7 +3,8 @@
 The same program as the clone's `train.py` (which only calls `main()` here), so an installed
 package trains, and a sweep prints commands that run from any folder. Exit codes
 (gpas_jax/train/faults.py, docs/RELIABILITY.md): 0 finished, 1 unexpected error, 2 refused
-(config, data, workdir), 3 diverged, 4 checkpoint save failed, 75 stopped by SIGTERM or Ctrl-C
+(config, data, workdir), 3 diverged, 4 checkpoint save failed, 5 a checkpoint could not be read
+(storage, memory: every host stops, nothing moved), 75 stopped by SIGTERM or Ctrl-C
 after saving (rerun to resume), 130 aborted by a second Ctrl-C.
 """
 

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 
 from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
+from gpas_jax.train import restore as restore_lib
 from gpas_jax.train.faults import CheckpointError
 from gpas_jax.train import steps
 
@@ -55,7 +56,7 @@ def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.Co
       try:
         params = _restore_params(manager, k, abstract_params)
       except Exception as e:  # pylint: disable=broad-except
-        if not ckpt.is_damage(e) or isinstance(e, CheckpointError) and step is not None:
+        if not restore_lib.is_damage(e) or isinstance(e, CheckpointError) and step is not None:
           raise
         if step is not None:
           raise CheckpointError(f'checkpoint step {k} at {ckpt.step_dir(manager, k)} is damaged: '

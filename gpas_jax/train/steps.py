@@ -121,6 +121,8 @@ def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Set
   """Validates the config, builds the mesh and the abstract, sharded train state."""
   config_lib.validate(config)
   mcfg = model_lib.ModelConfig.from_config(config_lib.model_section(config))
+  if config.get('debug') and config.debug.get('interleave_hosts'):
+    devices = sharding.interleave_hosts(devices)
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_fits_mesh(config, mesh)
   check_attention_lowers(mcfg.attention_impl, mesh.devices.flat[0].platform)
@@ -307,8 +309,15 @@ def _jit_in_mesh(s: Setup, fn: Callable, in_shardings, out_shardings, **kwargs) 
 
 
 def global_batch(s: Setup, local: dict[str, np.ndarray]) -> Batch:
-  """This host's rows -> global arrays laid out over the data axes."""
-  return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(local[k]))
+  """This host's rows -> global arrays: local row i is global row sharding.host_rows()[i].
+
+  The pipelines read exactly those rows (trainer: make_train_iterator(rows=...)), so a global
+  row lands where one host would put it, whatever the device order.
+  """
+  blocks, held = sharding.row_blocks(s.batch_sharding)
+  total = len(local['input_ids']) * blocks // held
+  rows = sharding.host_rows(s.batch_sharding, total)
+  return {k: sharding.global_rows_array(s.batch_sharding, local[k], rows, total)
           for k in ('input_ids', 'segment_ids')}
 
 

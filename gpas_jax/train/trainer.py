@@ -23,11 +23,13 @@ from gpas_jax.runtime import console
 from gpas_jax.runtime import cpu_peak
 from gpas_jax.runtime import profiling
 from gpas_jax.runtime import xla_flags
+from gpas_jax import sharding
 from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train import faults
 from gpas_jax.train import init_from
 from gpas_jax.train import metrics as metrics_lib
+from gpas_jax.train import restore as restore_lib
 from gpas_jax.train import steps
 from gpas_jax.train import workdir as workdir_lib
 
@@ -182,7 +184,7 @@ def _restore_or_init(config: ml_collections.ConfigDict, workdir: str, s: steps.S
   """The state to start from: the newest intact checkpoint, else init_from, else a fresh init."""
   check = workdir_lib.resume_check(config, workdir, s.abstract_state,
                                    train_iter.get_state().get('meta'), total)
-  restored = ckpt.restore_latest_intact(manager, s.abstract_state, train_iter, workdir, check)
+  restored = restore_lib.restore_latest_intact(manager, s.abstract_state, train_iter, workdir, check)
   if restored is not None:
     state, latest = restored
     return state, f'step {latest} ({ckpt.checkpoint_dir(workdir)})'
@@ -197,8 +199,12 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
            t_start: float) -> _Run:
   """Start-up: mesh and state shardings, data, resume or init; then config.json and the header."""
   s = steps.setup(config, devices)
-  train_iter = data_lib.make_train_iterator(config)
-  eval_batches = data_lib.make_eval_batches(config, rows=steps.eval_rows(config, s.mesh))
+  # Each host reads the rows its devices hold: global row r is stream row r on any pod.
+  train_iter = data_lib.make_train_iterator(
+      config, rows=sharding.host_rows(s.batch_sharding, config.optim.global_batch_size))
+  eval_rows = steps.eval_rows(config, s.mesh)
+  eval_batches = data_lib.make_eval_batches(
+      config, rows=eval_rows, host_rows=sharding.host_rows(s.batch_sharding, eval_rows))
   if eval_batches is None:
     logging.info('No eval set (data.source=tokens without data.eval_tokens_path): eval skipped.')
   manager = ckpt.make_manager(workdir, config)
@@ -211,6 +217,8 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
   start = int(jax.device_get(state['step']))
   peak, peak_source = _peak_flops(config)
   rows = {'mfu peak': _peak_row(peak, peak_source)}
+  if config.data.source != 'tokens':
+    rows['data workers'] = data_lib.workers_row(config.data.worker_count)
   change = workdir_lib.schedule_change(config, saved, start) if resumed_from else None
   if change:
     rows['lr schedule'] = change
@@ -287,7 +295,8 @@ def _checkpoint_or_stop(run: _Run, preemption: faults.StopSignals, window: conso
                         pending: tuple[int, dict], meta: dict) -> bool:
   """Saves when due or when a stop signal came; True when the loop must stop here."""
   config, done = run.config, pending[0]
-  if done == config.debug.sigterm_at_step:  # test hooks
+  if done == config.debug.sigterm_at_step and config.debug.get('sigterm_process', -1) in (
+      -1, jax.process_index()):  # test hooks
     os.kill(os.getpid(), signal.SIGTERM)
   if done == config.debug.get('sigint_at_step', -1):
     os.kill(os.getpid(), signal.SIGINT)

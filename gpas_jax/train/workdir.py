@@ -95,7 +95,7 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], prefix: str) -> list[st
 def resume_check(config: ml_collections.ConfigDict, workdir: str, abstract_state: Any,
                  data_meta: dict[str, Any] | None, total_steps: int
                  ) -> Callable[[int, dict[str, tuple[int, ...]], dict[str, Any] | None], None]:
-  """The check checkpoint.restore_latest_intact runs on a checkpoint before restoring it.
+  """The check restore.restore_latest_intact runs on a checkpoint before restoring it.
 
   It raises ResumeError, naming the differing fields and the way out, when the checkpoint
   cannot continue under this config: more steps than num_train_steps, another model or
