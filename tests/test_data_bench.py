@@ -123,7 +123,8 @@ def test_the_trainer_process_caps_what_workers_feed():
 
 
 def test_report_tables(result):
-  text = data_bench.report(result['rates'], result['needs'], result['hungriest'], result['info'])
+  text = data_bench.report(result['rates'], result['needs'], result['hungriest'],
+                           result['v5e_host'], result['info'])
   tables, current = [], None
   for line in text.splitlines():
     if line.startswith('|'):
@@ -147,3 +148,18 @@ def test_report_tables(result):
   per_core = result['rates'][0]['tokens_per_cpu_s'] / 1e3
   # Printed to 0.1 core from a need rounded to 1k tokens/s.
   assert float(needs[0][cores]) == pytest.approx(needed / per_core, abs=0.06)
+
+
+def test_what_a_v5e_host_feeds(result):
+  h = result['v5e_host']
+  assert (h['chips'], h['vcpus'], h['auto_workers']) == (4, 112, 16)
+  table = [json.loads(line) for line in open(os.path.join(ROOT, 'docs', 'tpu_table.jsonl'))]
+  v5e = [r for r in table if r['slice'].startswith('v5e-') and r.get('fits')]
+  assert h['hungriest_per_chip'] == max(r['tokens_per_s_per_chip'] for r in v5e)
+  for r in result['rates']:
+    v = h['layouts'][r['layout']]
+    assert v['auto']['per_chip'] == pytest.approx(16 * r['tokens_per_cpu_s'] / 4)
+    assert v['none']['per_chip'] == pytest.approx(r['tokens_per_cpu_s'] / 4)
+    for label in ('auto', 'none'):
+      assert v[label]['hungry'] == [f'{p["size"]}@{p["slice"]}' for p in v5e
+                                    if p['tokens_per_s_per_chip'] > v[label]['per_chip']]

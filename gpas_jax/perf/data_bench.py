@@ -257,6 +257,37 @@ def hungriest(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return [best[k] for k in sorted(best, key=lambda k: (k[2], k[0]))]
 
 
+def host_summary(plans: list[dict[str, Any]], rates: list[dict[str, Any]],
+                 gen: str = 'v5e') -> dict[str, Any]:
+  """What one multi-host TPU VM of `gen` feeds per chip, with the rule's workers and with none,
+  and which of the table's `gen` plans (per chip) each leaves hungry."""
+  chips, vcpus = TPU_VMS[gen][0]
+  workers = workers_lib.auto_worker_count(vcpus)
+  mine = [p for p in plans if p['slice'].startswith(gen + '-')]
+  out = {'generation': gen, 'chips': chips, 'vcpus': vcpus, 'auto_workers': workers,
+         'hungriest_per_chip': max(p['tokens_per_s_per_chip'] for p in mine), 'layouts': {}}
+  for layout, b in layout_rates(rates).items():
+    v = {}
+    for label, w in (('auto', workers), ('none', 0)):
+      per_chip = feedable(b, w) / chips
+      v[label] = {'per_chip': per_chip, 'hungry': [
+          f'{p["size"]}@{p["slice"]}' for p in mine if p['tokens_per_s_per_chip'] > per_chip]}
+    out['layouts'][layout] = v
+  return out
+
+
+def _summary_lines(h: dict[str, Any]) -> list[str]:
+  lines = ['', f'A {h["generation"]} TPU VM ({h["chips"]} chips, {h["vcpus"]} vCPUs, '
+           f'{h["auto_workers"]} workers by data.worker_count=-1); the table\'s hungriest '
+           f'{h["generation"]} plan needs {_k(h["hungriest_per_chip"])} tokens/s per chip:']
+  for layout, v in h['layouts'].items():
+    a, n = v['auto'], v['none']
+    lines.append(f'  {layout}: feeds {_k(a["per_chip"])} tokens/s per chip with the workers '
+                 f'(hungry: {", ".join(a["hungry"]) or "none"}); {_k(n["per_chip"])} with none '
+                 f'(hungry: {", ".join(n["hungry"]) or "none"})')
+  return lines
+
+
 def _k(x: float) -> str:
   return f'{x / 1e3:,.0f}k'
 
@@ -280,8 +311,9 @@ def _need_table(title: str, needs: list[dict[str, Any]], layouts: list[str]) -> 
 
 
 def report(rates: list[dict[str, Any]], needs: list[dict[str, Any]],
-           hungry: list[dict[str, Any]], info: dict[str, Any]) -> str:
-  """The measured rates, the default plans' needs and the hungriest plan per kind of host."""
+           hungry: list[dict[str, Any]], summary: dict[str, Any], info: dict[str, Any]) -> str:
+  """The measured rates, the default plans' needs, the hungriest plan per kind of host and
+  what a v5e host feeds."""
   lines = [f'{info["corpus"]}: {info["documents"]} documents, {info["mean_doc_bytes"]:.0f} bytes '
            f'on average; tokenizer {info["tokenizer_pieces"]} pieces, '
            f'{info["chars_per_token"]:.2f} chars/token; {info["cpus"]} CPUs, load average '
@@ -297,7 +329,7 @@ def report(rates: list[dict[str, Any]], needs: list[dict[str, Any]],
   lines += _need_table('Each paper size on its default slice (docs/tpu_table.jsonl):', needs,
                        layouts)
   lines += _need_table('The hungriest plan of the table per kind of TPU VM:', hungry, layouts)
-  return '\n'.join(lines)
+  return '\n'.join(lines + _summary_lines(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f'  {layout} workers={w}: {_k(rates[-1]["tokens_per_s"])} tokens/s', flush=True)
   plans = load_plans(pathlib.Path(args.tpu_table))
   needs, hungry = need(default_plans(plans), rates), need(hungriest(plans), rates)
+  summary = host_summary(plans, rates)
   if args.json:
-    print(json.dumps({'info': info, 'rates': rates, 'needs': needs, 'hungriest': hungry}))
+    print(json.dumps({'info': info, 'rates': rates, 'needs': needs, 'hungriest': hungry,
+                      'v5e_host': summary}))
   else:
-    print(report(rates, needs, hungry, info))
+    print(report(rates, needs, hungry, summary, info))
   return 0
 
 
