@@ -19,7 +19,7 @@ from gpas_jax.perf import tpu_table
 from tests.helpers import DATA_CACHE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--seconds', '0.3', '--warmup', '0', '--workers', '0', '--batch', '4', '--length', '64',
+TINY = ['--seconds', '0.3', '--warmup', '0', '--workers', '0', '--batch', '2', '--length', '512',
         '--vocab', '1000', '--tokenizer_type', 'bpe', '--cache_dir', DATA_CACHE]
 
 
@@ -66,11 +66,13 @@ def test_rates_count_every_position(result):
   assert [(r['layout'], r['workers']) for r in rates] == [('padded', 0), ('packed', 0)]
   for r in rates:
     tokens = r['batches'] * r['rows'] * r['length']
-    assert (r['rows'], r['length']) == (4, 64) and r['batches'] > 0
+    assert (r['rows'], r['length']) == (2, 512) and r['batches'] > 0
     assert r['tokens_per_s'] == pytest.approx(tokens / r['wall_s'])
     assert r['tokens_per_cpu_s'] == pytest.approx(tokens / r['cpu_s'])
     assert 0 < r['real_tokens_per_s'] <= r['tokens_per_s']
-  assert rates[1]['real_tokens_per_s'] == rates[1]['tokens_per_s']  # packed rows have no pads
+  # 512 tokens hold the shorter documents whole: padded rows carry pads, packed rows none.
+  assert rates[0]['real_tokens_per_s'] < rates[0]['tokens_per_s']
+  assert rates[1]['real_tokens_per_s'] == rates[1]['tokens_per_s']
 
 
 def test_needs_follow_the_tpu_table(result):
@@ -138,7 +140,7 @@ def test_report_tables(result):
   for t in tables:
     assert all(len(row) == len(t[0]) for row in t)  # header, rule and rows line up
   rates, needs, hungry = (t[2:] for t in tables)
-  assert [row[:3] for row in rates] == [['padded', '0', '4 x 64'], ['packed', '0', '4 x 64']]
+  assert [row[:3] for row in rates] == [['padded', '0', '2 x 512'], ['packed', '0', '2 x 512']]
   assert [row[0] for row in needs] == [size for size, _ in tpu_table.DEFAULTS]
   assert needs[0][1] == 'v5e-8 (default)' and needs[0][4] == '8, 224, 16'
   assert len(hungry) == 6
