@@ -64,7 +64,7 @@ def tpu_vm(slice_name: str, chips: int) -> tuple[int, int]:
   return single if single and chips == single[0] else multi
 
 
-def _paragraphs(text_dir: pathlib.Path) -> list[str]:
+def _texts(text_dir: pathlib.Path) -> list[str]:
   lines = []
   for name in (corpus.TOPICS_FILE, corpus.DOCSTRINGS_FILE):
     with open(text_dir / name, encoding='utf-8') as f:
@@ -98,7 +98,7 @@ def build_folder(cache: pathlib.Path) -> pathlib.Path:
     tag = corpus.python_tag()
     with sources.locked(cache / 'corpus' / f'{tag}.lock'):  # the lock sources.py takes for it
       embedded = corpus.write_embedded_corpus(cache / 'corpus' / tag)
-    docs = _cut(_paragraphs(embedded))
+    docs = _cut(_texts(embedded))
     n_val = max(1, len(docs) // 50)  # C4's ~0.1% would leave too few documents to evaluate
     shards = [('c4-validation.00000-of-00001.json.gz', docs[:n_val])]
     shards += [(f'c4-train.{i:05d}-of-{TRAIN_FILES:05d}.json.gz', docs[n_val + i::TRAIN_FILES])
