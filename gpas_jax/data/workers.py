@@ -6,18 +6,18 @@ data.worker_count = -1 (the default) picks from the cores this process may run o
   otherwise                   ->  min(MAX_WORKERS, cores // CORES_PER_WORKER)
 
 Why: a worker is a spawned process that imports grain, TFDS and SentencePiece, so its first batch
-comes seconds after it starts (3-8 s on a busy 2-core machine); on a laptop, a CI runner or a
-small GPU host that start-up only slows short runs and tests, and the few cores are wanted by the
-trainer itself (XLA's compiler and host threads, checkpoint writes). A TPU VM has far more
-cores than one process uses: a v5e VM 112 vCPUs for 4 chips (224 for 8), v5p 208 for 4, v6e 180
-for 4 or 8, v4 240 for 4; there workers also take tokenizing off the training loop's GIL. One
-worker per CORES_PER_WORKER vCPUs leaves three quarters of
-them (hyperthreads: two per physical core) to the trainer. MAX_WORKERS covers the hungriest plan
-of docs/tpu_table.jsonl (71m on v6e-8: 2.9M tokens/s per host) at the slowest per-core rate
-`python -m gpas_jax.perf.data_bench` measured (a 32k BPE tokenizer, padded rows: ~330k tokens per
-CPU-second, so ~9 cores; docs/DATA.md) with room to spare; more would only add start-up time and
-memory (each worker holds its own tokenizer and buffers). So a TPU VM gets 16 workers, an 8-core
-host 2, this project's 2-core development machine 0.
+comes seconds after it starts (3-8 s on a busy 2-core machine); on a laptop, a CI runner or a small
+GPU host that start-up only slows short runs and tests, and the few cores are wanted by the trainer
+itself (XLA's compiler and host threads, checkpoint writes). A TPU VM has far more cores than one
+process uses: a v5e VM 112 vCPUs for 4 chips (224 for 8), v5p 208 for 4, v6e 180 for 4 or 8, v4 240
+for 4; there workers also take tokenizing off the training loop's GIL. One worker per
+CORES_PER_WORKER vCPUs leaves three quarters of them (hyperthreads: two per physical core) to the
+trainer. MAX_WORKERS covers the hungriest plan of docs/tpu_table.jsonl (71m on v6e-8: 2.9M tokens/s
+per host) at the slowest per-core rate `python -m gpas_jax.perf.data_bench` measured (a 32k BPE
+tokenizer, padded rows: ~300k tokens per CPU-second, so ~10 cores; ~14 at the rate with workers'
+overhead; docs/DATA.md); more would add only start-up time and memory (each worker holds its own
+tokenizer and buffers). So a TPU VM gets 16 workers, an 8-core host 2, this project's 2-core
+development machine 0.
 """
 
 import os
