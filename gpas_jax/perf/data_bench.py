@@ -145,14 +145,15 @@ def bench_config(cache: pathlib.Path, args: argparse.Namespace):
 
 def _cpu_seconds(proc) -> tuple[float, float]:
   """(this process's, its live children's) user + system CPU seconds."""
+  import psutil  # pylint: disable=import-outside-toplevel  # a TFDS requirement
   own = proc.cpu_times()
   kids = 0.0
   for child in proc.children(recursive=True):
     try:
       t = child.cpu_times()
-      kids += t.user + t.system
-    except Exception:  # pylint: disable=broad-except  # a child that just exited
-      pass
+    except psutil.Error:  # a child that just exited
+      continue
+    kids += t.user + t.system
   return own.user + own.system, kids
 
 
