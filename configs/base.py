@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.layout = 'padded'
   d.pad_id = 0
   d.eos_id = 1
-  d.worker_count = 0
+  d.worker_count = -1  # -1: chosen from the host's cores (gpas_jax/data/workers.py); 0 = none
   d.prefetch_buffer_size = 2
   d.eval_tokens = 10_000_000
   d.eval_batch_size = 64

@@ -159,7 +159,7 @@ RANGES = (
     ('model.gate_init', None, None, False, False, False, ''),
     ('data.eval_tokens', 1, None, False, False, True, ''),
     ('data.eval_batch_size', 1, None, False, False, True, ''),
-    ('data.worker_count', 0, None, False, False, True, '0 tokenizes in the main process'),
+    ('data.worker_count', -1, None, False, False, True, '0: no workers; -1: from the cores'),
     ('data.prefetch_buffer_size', 0, None, False, False, True, ''),
     ('data.validation_percent', 0.0, 100.0, False, False, False, ''),
     ('data.tokenizer_vocab_size', 1, None, False, False, True, ''),

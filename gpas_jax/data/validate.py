@@ -7,6 +7,7 @@ from gpas_jax.data.errors import DataError
 from gpas_jax.data import sources
 from gpas_jax.data import tokenizer as tokenizer_lib
 from gpas_jax.data import tokens
+from gpas_jax.data import workers
 
 
 def validate_data(config: ml_collections.ConfigDict, process_count: int | None = None) -> None:
@@ -29,9 +30,9 @@ def validate_data(config: ml_collections.ConfigDict, process_count: int | None =
                       f'{config.model.vocab_size - 1}.')
   if d.eval_tokens <= 0:
     raise DataError(f'data.eval_tokens={d.eval_tokens} must be positive.')
-  if d.worker_count < 0 or d.prefetch_buffer_size < 0:
-    raise DataError(f'data.worker_count={d.worker_count} and data.prefetch_buffer_size='
-                    f'{d.prefetch_buffer_size} must be >= 0.')
+  workers.check(d.worker_count)
+  if d.prefetch_buffer_size < 0:
+    raise DataError(f'data.prefetch_buffer_size={d.prefetch_buffer_size} must be >= 0.')
   if process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_count = jax.process_count()

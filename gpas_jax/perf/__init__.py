@@ -8,6 +8,8 @@
   bench_worker  the worker processes' entry point
   aot           python -m gpas_jax.perf.aot: compile a config for a mesh without allocating it
                 (--topology: the TPU compiler, tpu_plan / tpu_search; tpu_table: docs/TPU.md)
+  data_bench    python -m gpas_jax.perf.data_bench: the data pipeline's tokens/s per host
+                beside what each paper size's TPU plan needs
 
 May import: every layer below.
 """
