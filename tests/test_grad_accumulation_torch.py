@@ -175,20 +175,30 @@ def test_bf16_step_gradient_is_bit_identical_to_torch_accumulating_the_same_chun
   """The step's bf16 gradient = torch's .grad after the release's loop over the same chunks."""
   s, params = _setup(world, chunks, 'bfloat16', group=group)
   batch = _batch(s)
-  grads = _step_grads(s, params, batch)
-  # Each chunk's own backward (its token mean), scaled by 1 / A as the release's loss / A is:
-  # exact, A being a power of two here.
-  steps_a = chunks // world
-  chunk_grads = []
-  for g in _chunk_grads(s, params, batch, chunks, together=group > 1):
-    g = jax.tree.map(lambda x: (x.astype(jnp.float32) / steps_a).astype(x.dtype), g)
-    chunk_grads.append([torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
-                        for x in jax.tree.leaves(g)])
+  # The step's program also hands out the chunk gradients it folds: torch folds the very same
+  # values (XLA may round one chunk's bf16 backward differently in another program: on CPUs with
+  # AVX512-BF16 a standalone backward and a vmapped one differ in the last bit).
+  with sharding.use_mesh(s.mesh, s.rules):
+    _, grads, _, stacked = jax.jit(lambda p, b: steps._release_gradient(s, b, p, True))(
+        params, batch)
+  stacked = jax.tree.map(lambda x: x.reshape((chunks,) + x.shape[2:]), stacked)
+  step_chunks = [jax.tree.map(lambda x: x[k], stacked) for k in range(chunks)]
+  chunk_grads = [[torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
+                  for x in jax.tree.leaves(g)] for g in step_chunks]
   ref = _torch_release_grads(chunk_grads, world)
   leaves = jax.tree.leaves(grads)
   assert all(x.dtype == jnp.bfloat16 for x in leaves)
   differ = [i for i, (x, r) in enumerate(zip(leaves, ref)) if (_bits(x) != _bits(r)).any()]
   assert not differ, f'{len(differ)} of {len(leaves)} leaves differ from torch'
+  # Each chunk's gradient is its own backward (its token mean) / A, chunk k being rows
+  # [k*b, (k+1)*b): within bf16 rounding of a separately compiled backward (a few ulps of each
+  # leaf's largest entry; a wrong chunk, scale or row moves entries by far more).
+  steps_a = chunks // world
+  for k, g in enumerate(_chunk_grads(s, params, batch, chunks, together=group > 1)):
+    for x, y in zip(jax.tree.leaves(step_chunks[k]), jax.tree.leaves(g)):
+      x, y = np.asarray(x, np.float32), np.asarray(y, np.float32) / steps_a
+      np.testing.assert_allclose(x, y, rtol=0, atol=2 ** -6 * float(np.abs(y).max()) + 1e-30,
+                                 err_msg=f'chunk {k}')
   # And the order matters: the weighted one-backward gradient is not the release's.
   s2, _ = _setup(world, chunks, 'bfloat16', 'weighted')
   weighted = _weighted_grads(s2, params, batch)

@@ -189,8 +189,9 @@ def _loss_fn(s: Setup, weighted: bool, eval_chunks: bool = False) -> Callable:
   return loss_fn
 
 
-def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, Any, jax.Array]:
-  """(loss, grads, count) as the release forms them: a backward per chunk (torch_accum.py)."""
+def _release_gradient(s: Setup, batch: Batch, params: Any, with_chunks: bool = False) -> tuple:
+  """(loss, grads, count) as the release forms them: a backward per chunk (torch_accum.py);
+  with_chunks adds each chunk's gradient [M, G, ...] (torch_accum.release_gradient)."""
   c = s.config
   chunks, world = c.optim.get('loss_chunks', 1), c.optim.get('ddp_world_size', 1)
   steps = chunks // world
@@ -224,7 +225,7 @@ def _release_gradient(s: Setup, batch: Batch, params: Any) -> tuple[jax.Array, A
       return jax.vmap(chunk_grad, in_axes=(None, 0),
                       spmd_axis_name=chunk_axes or None)(p, chunks_G)
 
-  return torch_accum.release_gradient(group_grad, params, rows, world)
+  return torch_accum.release_gradient(group_grad, params, rows, world, with_chunks)
 
 
 def make_train_step(s: Setup) -> Callable:

@@ -67,8 +67,8 @@ def fold_step(acc: tuple[PyTree, PyTree], g: PyTree, i: jax.Array, world_size: i
   return grad, reduced
 
 
-def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, world_size: int
-                     ) -> tuple[jax.Array, PyTree, jax.Array]:
+def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, world_size: int,
+                     with_chunks: bool = False) -> tuple:
   """(mean chunk loss, the release's gradient, counted targets) over chunks [M, G, b, ...].
 
   The K = M * G chunks are taken G at a time: `group_grad(params, group) -> ((loss[G],
@@ -77,6 +77,9 @@ def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, wo
   chunks' gradients are independent of one another, so only their sum follows the release's
   order: chunk k = accumulation step k // W on GPU k % W, folded in k order. One lax.scan over the
   M groups: activation memory is that of one group, plus G chunk gradients.
+
+  with_chunks: also return every chunk's gradient [M, G, ...], the very values folded (a check
+  of the fold needs them: XLA may round a chunk's backward differently in another program).
   """
   m, g_size = jax.tree.leaves(groups)[0].shape[:2]
   if (m * g_size) % world_size:
@@ -97,8 +100,11 @@ def release_gradient(group_grad: GroupGradFn, params: PyTree, groups: PyTree, wo
     j, group = xs
     (loss, count), grads = group_grad(params, group)
     acc, _ = jax.lax.scan(fold, acc, (j * g_size + jnp.arange(g_size), grads))
-    return (loss_sum + jnp.sum(loss.astype(jnp.float32)), count_sum + jnp.sum(count, 0), acc), None
+    carry = (loss_sum + jnp.sum(loss.astype(jnp.float32)), count_sum + jnp.sum(count, 0), acc)
+    return carry, (grads if with_chunks else None)
 
   carry0 = (jnp.zeros((), jnp.float32), jnp.zeros(count_shape.shape[1:], count_shape.dtype), acc0)
-  (loss_sum, count, (grad, _)), _ = jax.lax.scan(body, carry0, (jnp.arange(m), groups))
+  (loss_sum, count, (grad, _)), chunks = jax.lax.scan(body, carry0, (jnp.arange(m), groups))
+  if with_chunks:
+    return loss_sum / w, grad, count, chunks
   return loss_sum / w, grad, count
