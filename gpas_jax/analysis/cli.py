@@ -33,13 +33,13 @@ def run_importance(workdir: str, step: int | None = None,
     raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
   step = saved[-1] if step is None else step  # Recorded with the result.
   # Lazy: the checkpoint and data modules pull in orbax and grain, not needed for the figures.
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax import data  # pylint: disable=import-outside-toplevel
   from gpas_jax.model import stats  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   _, model = loading.load_model(workdir, step=step)
   # The run's own config.json: load_model shrinks the batch sizes for its one-device restore.
-  config = ml_collections.ConfigDict(storage.read_json(os.path.join(workdir, 'config.json')))
+  config = config_lib.from_saved(storage.read_json(os.path.join(workdir, 'config.json')))
   batches = data.make_eval_batches(config)
   if max_batches:
     batches = itertools.islice(batches, max_batches)

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 import gpas_jax
+from gpas_jax import config as config_lib
 from gpas_jax.runtime import cli
 
 _HISTORY_KEYS = ('loss', 'grad_norm', 'gates')
@@ -71,7 +72,7 @@ def faithful_config(config: ml_collections.ConfigDict, tokens_path: str, init: s
   c.analysis.every_steps = 0
   c.logging.tensorboard = False
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = 1, 1, 1, 1  # one device, as torch
-  return c
+  return config_lib.resolve(c)
 
 
 def run_jax(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

@@ -308,6 +308,8 @@ def main(argv: list[str]) -> None:
     c.model.remat_policy = f.remat
   if f.batch:
     c.optim.global_batch_size = f.batch
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.resolve(c)
   if f.topology:
     _tpu_main(f, c)
     return

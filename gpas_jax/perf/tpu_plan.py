@@ -129,9 +129,8 @@ def loop_ratio(model_config, micro_batches: int, scanned: bool) -> float:
 def sequential_passes(config, mesh) -> int:
   """The backward passes a step runs one after another (a loop the cost analysis counts once):
   micro_batches, or under grad_accumulation='torch' its groups of chunks."""
-  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
-  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+  if config.optim.grad_accumulation == 'torch':
     return config.optim.get('loss_chunks', 1) // steps.chunk_layout(config, mesh.shape)[0]
   return config.optim.micro_batches
 
@@ -243,11 +242,10 @@ def fold_cost(s) -> tuple[dict, int]:
   the accumulators (torch_accum.fold_step, compiled on its own) and the chunks folded; else
   ({}, 0)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax import sharding  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import torch_accum  # pylint: disable=import-outside-toplevel
   c = s.config
-  if config_lib.effective(c, 'optim.grad_accumulation') != 'torch':
+  if c.optim.grad_accumulation != 'torch':
     return {}, 0
   w = c.optim.get('ddp_world_size', 1)
   grads = s.abstract_state['params']

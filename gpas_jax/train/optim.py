@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpas_jax import config as config_lib
 from gpas_jax.train import torch_optim
 from gpas_jax import tree_paths
 
@@ -101,7 +100,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]
   warmup = int(o.warmup_steps)
   total = int(config.num_train_steps)
   min_ratio = float(o.min_lr_ratio)
-  last_step_quirk = bool(config_lib.effective(config, 'optim.baseline_last_step'))
+  last_step_quirk = bool(config.optim.baseline_last_step)
 
   def schedule(step):
     # float32 whatever jax_enable_x64 says, as optax's counters are int32; exact to 2**24 steps.
@@ -176,7 +175,7 @@ def state_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
 
 def uses_torch_arithmetic(config: ml_collections.ConfigDict) -> bool:
   """Whether clipping and Adam follow torch's op-by-op arithmetic (baseline_faithful implies it)."""
-  return config_lib.effective(config, 'optim.arithmetic') == 'torch'
+  return config.optim.arithmetic == 'torch'
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
