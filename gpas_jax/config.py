@@ -16,7 +16,7 @@ GATE_ACTS = ('silu', 'identity', 'relu', 'tanh', 'leaky_relu', 'scale_silu', 'si
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 LNS_MODES = ('init', 'fixed')
 DTYPES = ('float32', 'bfloat16', 'float64', 'float16')
-ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')  # see layers.causal_attention
+ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')  # model/layers.causal_attention's
 OPTIMIZERS = ('adam', 'adamw')
 NAN_POLICIES = ('stop', 'skip')
 DATA_SOURCES = ('embedded', 'tfds', 'text_folder', 'tokens')
@@ -335,7 +335,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                       'a next-token target).')
   if not 0 <= c.optim.warmup_steps <= c.num_train_steps:
     raise ConfigError(f'optim.warmup_steps={c.optim.warmup_steps} is outside '
-                      f'0..num_train_steps={c.num_train_steps}.')
+                      f'0..num_train_steps={c.num_train_steps}: set '
+                      f'--config.optim.warmup_steps={max(0, c.num_train_steps // 10)} (10% of the '
+                      'steps, as the paper\'s recipes) or a longer num_train_steps.')
   missing = object()
   for row in RANGES:
     value = _get(c, row[0], missing)

@@ -62,8 +62,9 @@ def gate_mask(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda p, _: is_gate_path(p), tree)
 
 
-def gate_values(params: PyTree) -> dict[str, jax.Array]:
-  """Returns {'layers/gpas/gate': value, ...} for every gate leaf (stacked gates stay stacked)."""
+def gate_leaves(params: PyTree) -> dict[str, jax.Array]:
+  """{'layers/gpas/gate': leaf, ...}: the gate leaves a path selects (clipping's view of a tree;
+  model.transformer.gate_values reads a model's gates per layer)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   return {path_str(p): v for p, v in flat if is_gate_path(p)}
 
