@@ -332,5 +332,6 @@ def loss_curves_plot(runs: Mapping[str, Any], path: str, title: str = 'Loss') ->
     # Steps are whole: one eval point must tick 6, not 5.7 .. 6.3 (min_n_ticks=1 allows it).
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize='small')
+    if ax.get_legend_handles_labels()[0]:  # a run without eval has no eval line to name
+      ax.legend(fontsize='small')
   return _save(fig, path)

@@ -365,8 +365,9 @@ def main(argv: Sequence[str]) -> None:
                      f.parallel)
   console.say(f'sweep done: {len(runs) - len(failed)} of {len(runs)} runs finished'
               + (f', {len(failed)} failed (each run\'s log: WORKDIR.log)' if failed else '')
-              + f'. The results table: python -m gpas_jax.analysis.table --root {f.root}'
-              + ' --sweep ' + ' '.join(shlex.quote(a) for a in _table_args()))
+              + '. The results table: python -m gpas_jax.analysis.table --root '
+              + shlex.quote(cli.resolve_path(f.root)) + ' --sweep '
+              + ' '.join(shlex.quote(a) for a in _table_args()))
   if failed:
     logging.error('%d of %d runs failed: %s', len(failed), len(runs),
                   ', '.join(r.workdir for r in failed))
