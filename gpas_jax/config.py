@@ -89,7 +89,11 @@ TOKENS_DTYPES = ('uint16', 'uint32')
 
 
 def _field(config: ml_collections.ConfigDict, key: str) -> tuple[Any, str]:
+  """(the section holding 'section.field', the field); a section a config.json lacks is added."""
   section, field = key.split('.')
+  if section not in config:
+    with config.unlocked():
+      config[section] = ml_collections.ConfigDict()
   return config[section], field
 
 
