@@ -29,14 +29,19 @@ def quiet_logs() -> None:
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 
+# Where the error records of a failed save come from: Orbax's threads, asyncio's tasks, gcsfs's
+# retries.
+_SAVE_LOGGERS = ('/orbax/', '/asyncio/', '/gcsfs/')
+
+
 class _QuietFailures:
-  """Leaves out the error records with a traceback that Orbax (and asyncio, for its tasks) log
-  when a save fails: the same cause from each thread (~300 lines for one bucket write), which
-  the tool's one-line error names; --traceback keeps them."""
+  """Leaves out the error records with a traceback that a failed save logs: the same cause from
+  each thread and retry (~300 lines for one bucket write), which the tool's one-line error
+  names; --traceback keeps them."""
 
   def filter(self, record: Any) -> bool:
     where = record.pathname.replace('\\', '/')
-    return not (record.exc_info and ('/orbax/' in where or '/asyncio/' in where))
+    return not (record.exc_info and any(name in where for name in _SAVE_LOGGERS))
 
 
 def _quiet_closed_loop(hook: Any) -> Any:
