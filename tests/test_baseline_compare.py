@@ -28,6 +28,7 @@ def test_compare_writes_the_table_and_figure_and_agrees_in_float32(tmp_path):
   assert "4 updates (--updates 3, plus the release's extra last one" in table
   assert 'cannot say which side is nearer exact arithmetic' in table
   assert "the largest gap: layer " in table
+  assert bf16['jax_vs_float32']['updates'] == 4 and 'the nearer to exact arithmetic is' in table
   assert json.load(open(os.path.join(out, 'compare.json')))['updates'] == 4
 
 

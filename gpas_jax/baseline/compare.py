@@ -187,14 +187,20 @@ def ratio_note(entry: dict[str, Any]) -> str:
   at = entry['jax_vs_torch'].get('gate_max_at')
   where = (f' (the largest gap: layer {at[1]}\'s gate after {at[0]} update'
            f'{"s" if at[0] != 1 else ""})' if at else '')
+  nearer = ''
+  if 'jax_vs_float32' in entry:
+    j, t = entry['jax_vs_float32']['gate_max_abs'], entry['torch_vs_float32']['gate_max_abs']
+    nearer = (f' Against the float32 run, the gates of gpas_jax bf16 are {j:.3g} away at most, '
+              f'PyTorch bf16\'s {t:.3g}: the nearer to exact arithmetic is '
+              f'{"gpas_jax" if j < t else "PyTorch" if t < j else "neither"}.')
   return (f'bf16 gate gap / noise floor: {entry["gate_gap_over_noise"]:.2f}x{where}. Near 1: '
           'gpas_jax moves the gates about as far from PyTorch as reordering PyTorch\'s own sums '
-          'does (rows reversed in each chunk); well above 1: a difference beyond reordering. It '
-          'cannot say which side is nearer exact arithmetic (the float32 rows do), and over a '
-          'few updates it reads high where a gate\'s gradient is nearly zero (the last layer\'s, '
-          'which feeds the scale-free final RMSNorm): both sides\' first Adam step turns their '
-          'rounding residue into a step of up to the learning rate, which reversing rows does '
-          'not reproduce; it falls as the run goes on (read the gate panel of compare.png).')
+          'does (rows reversed in each chunk); well above 1: the two round differently. It '
+          'cannot say which side is nearer exact arithmetic, and it reads high over short runs: '
+          'reordering rows barely moves a gate\'s bf16 gradient (each sum accumulates in float32 '
+          'and rounds once), while that gradient, a sum that nearly cancels, is itself off the '
+          'exact one by tens of percent on either side; Adam\'s first updates, where a '
+          'gradient changes sign, magnify the difference.' + nearer)
 
 
 def make_rows(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
@@ -273,12 +279,17 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
       entry['gate_gap_over_noise'] = (entry['jax_vs_torch']['gate_max_abs'] / floor
                                       if floor > 0 else float('inf'))
     result[dtype] = entry
+  if 'float32' in curves and 'bfloat16' in curves:
+    # Which bf16 side is nearer exact arithmetic: each against PyTorch's float32 run.
+    reference = curves['float32'][1]
+    for side, h in zip(('jax', 'torch'), curves['bfloat16'][:2]):
+      result['bfloat16'][f'{side}_vs_float32'] = gaps(h, reference)
   with open(os.path.join(out, 'compare.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(out, 'compare.md'), 'w', encoding='utf-8') as f:
     f.write(format_table(result))
   note = (f'bf16 gate gap / noise floor {result["bfloat16"]["gate_gap_over_noise"]:.1f}x: near 1 '
-          'as reordering PyTorch\'s sums; it cannot say which side is nearer exact arithmetic'
+          'as reordering PyTorch\'s sums; which side is nearer exact arithmetic: compare.md'
           if 'bfloat16' in result else '')
   plot(curves, os.path.join(out, 'compare.png'), config.model.norm_type, note)
   return result
@@ -292,7 +303,7 @@ def format_table(result: dict[str, Any]) -> str:
            '| precision | pair | max abs loss diff | max abs grad-norm diff | max abs gate diff '
            '| final max abs gate diff |', '|---|---|---|---|---|---|']
   for dtype in ('float32', 'bfloat16'):
-    for pair in ('jax_vs_torch', 'noise_floor'):
+    for pair in ('jax_vs_torch', 'noise_floor', 'jax_vs_float32', 'torch_vs_float32'):
       g = result.get(dtype, {}).get(pair)
       if g:
         lines.append(f'| {dtype} | {pair} | {g["loss_max_abs"]:.3g} | {g["grad_norm_max_abs"]:.3g} '
