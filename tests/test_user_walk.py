@@ -118,8 +118,10 @@ def test_refusals_are_one_line_with_the_fix(bucket, tmp_path):
     _one_line(_tool(tmp_path, *aot, '--topology', 'v5e:3x3'), 'v5e:3x3', 'v5e:4x4')
   _one_line(_tool(tmp_path, '-m', 'gpas_jax.train.launch', '--config.num_train_steps=abc'),
             '--config.num_train_steps=abc')
+  _fake_run(tmp_path / 'run', 10)
+  (tmp_path / 'run' / 'checkpoints' / '10').mkdir(parents=True)  # refused before it is read
   _one_line(_tool(where, '-m', 'gpas_jax.baseline.hf_tools', 'export', '--workdir',
-                  'gs://walkb/run', '--out', 'gs://missing-bucket/x', env=env),
+                  str(tmp_path / 'run'), '--out', 'gs://missing-bucket/x', env=env),
             '--out=gs://missing-bucket/x', 'gs://missing-bucket cannot be written')
 
 

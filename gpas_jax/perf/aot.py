@@ -268,27 +268,15 @@ FIT_HINT = ('  to fit: --search (with --topology) compiles meshes, remat and mic
 
 
 def _check_topology(f) -> None:
-  """--topology named as the compiler takes it, before anything compiles; --chip refused beside
-  it (the slice's own chips set the HBM)."""
+  """--topology as the compiler takes it, before anything compiles; --chip refused beside it."""
   from gpas_jax.perf import tpu_plan  # pylint: disable=import-outside-toplevel
   if f['chip'].present:
     raise app_usage(f'--chip={f.chip} sets the HBM of the fake-CPU plan; with --topology the '
                     "slice's own chip counts: drop --chip.")
   try:
-    topo, _ = tpu_plan.resolve_topology(f.topology)
-  except ValueError as e:
+    tpu_plan.check_topology(f.topology, max(1, f.num_slices))
+  except (ValueError, RuntimeError) as e:
     raise app_usage(str(e)) from None
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update('jax_platforms', 'cpu')  # as _tpu_main: no TPU to attach on this host
-  try:
-    tpu_plan.tpu_devices(f.topology, max(1, f.num_slices))
-  except Exception as e:  # pylint: disable=broad-except  # the compiler's own refusal
-    if 'libtpu' in str(e) and isinstance(e, RuntimeError):
-      raise app_usage(str(e)) from None
-    msg = str(e).split(': ', 1)[-1].strip()
-    raise app_usage(f'--topology {f.topology} ({topo}) is not a shape the TPU compiler knows: '
-                    f'{msg}. Use a slice name (v5e-8, v5p-128, ...) or a shape whose sides are '
-                    'multiples of a host\'s chips (v5e:4x4).') from None
 
 
 def format_tpu(r: dict[str, Any], title: str = '') -> str:

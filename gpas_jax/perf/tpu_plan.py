@@ -90,6 +90,22 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     return list(topologies.get_topology_desc(topology_name=topo, platform='tpu', **kwargs).devices)
 
 
+def check_topology(topology: str, num_slices: int = 1) -> None:
+  """Raises ValueError naming the fix where the TPU compiler refuses the topology (v5e:3x3)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')  # the host's own backend: no TPU to attach here
+  topo, _ = resolve_topology(topology)
+  if not libtpu_available():
+    return  # tpu_devices names the missing extra
+  try:
+    tpu_devices(topology, num_slices)
+  except Exception as e:  # pylint: disable=broad-except  # the compiler's own refusal
+    raise ValueError(f'--topology {topology} ({topo}) is not a shape the TPU compiler knows: '
+                     f'{str(e).split(": ", 1)[-1].strip()}. Use a slice name (v5e-8, v5p-128, '
+                     '...) or a shape whose sides are multiples of a host\'s chips (v5e:4x4).'
+                     ) from None
+
+
 def hbm_bytes(gen: str) -> float:
   """A chip's HBM in bytes."""
   return CHIPS[gen][0] * GIB
