@@ -3,6 +3,7 @@
 import math
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   # compute-dtype logits, attention logits kept in float32 (torch's SDPA), N+1 updates. The
   # dtypes stay as set: the release trains in pure bf16 (model.param_dtype=compute_dtype=bfloat16).
   c.baseline_faithful = False
+  # An explicit value of one of those fields (a config file, --config.x=v) is kept beside it:
+  # they are left unset (None) here, and gpas_jax.config.resolve fills them once, when the config
+  # is loaded, with baseline_faithful's value or the plain default; config.json records the result.
+  c.resolved_faithful = None  # set by that resolve: the baseline_faithful the fields hold
   # A PyTorch/HF checkpoint in the baseline's names (.bin, .safetensors, or a directory holding
   # one) to start from; used only while the workdir holds no checkpoint of its own.
   c.init_from = ''
@@ -63,14 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'xla'
   # 'compute': q.k^T rounded to the compute dtype before the float32 softmax | 'float32': kept in
   # float32, as torch's SDPA does with bf16 inputs.
-  m.attention_logits_dtype = 'compute'
+  m.attention_logits_dtype = placeholder(str)  # default 'compute'
   # 'float32': cross-entropy on float32 logits | 'compute': on the compute-dtype logits, as the
   # baseline's F.cross_entropy on its bf16 logits (log-probabilities rounded to bf16).
-  m.loss_dtype = 'float32'
+  m.loss_dtype = placeholder(str)  # default 'float32'
   # True: XLA may keep float32 through a fusion of bf16 ops (its default, faster) | False: every
   # op's result rounded to the compute dtype, as each torch kernel rounds its result
   # (xla_allow_excess_precision=false for every step this config compiles).
-  m.excess_precision = True
+  m.excess_precision = placeholder(bool)  # default True
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -111,7 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   o.lr = 1e-3
   o.warmup_steps = 1_000
   o.min_lr_ratio = 0.1
-  o.baseline_last_step = False  # Baseline quirk: the last step uses lr = 1e-7 * peak.
+  # Baseline quirk: the last step uses lr = 1e-7 * peak (N + 1 updates); default False.
+  o.baseline_last_step = placeholder(bool)
   o.b1 = 0.9
   o.b2 = 0.999
   o.eps = 1e-8
@@ -121,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.state_dtype = ''  # Adam moments' dtype; '' follows model.param_dtype.
   # 'optax': optax's clipping and Adam | 'torch': torch's op-by-op arithmetic (each op in float32,
   # rounded once to the storage dtype): bit-identical bf16 updates to torch.optim.Adam.
-  o.arithmetic = 'optax'
+  o.arithmetic = placeholder(str)  # default 'optax'
   # The objective of one update: the mean of loss_chunks per-chunk token means, chunk k being
   # rows [k*b, (k+1)*b) of the global batch (b = batch / loss_chunks); 1 = one token mean. The
   # baseline's chunks are its GPUs x accumulation steps. micro_batches (memory) never changes it.
@@ -131,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
   # a compute-dtype .grad over the accumulation steps, DDP's average over ddp_world_size GPUs
   # after each; chunk k = step k // ddp_world_size on GPU k % ddp_world_size). Float32: the same
   # gradient to round-off. Under 'torch' micro_batches has no effect (a chunk's backward is whole).
-  o.grad_accumulation = 'weighted'
+  o.grad_accumulation = placeholder(str)  # default 'weighted'
   o.ddp_world_size = 1  # The release's GPUs; loss_chunks / ddp_world_size accumulation steps.
   # Under 'torch': chunks whose backwards run at once (a vmap; the groups run one after another),
   # a divisor of loss_chunks; 0: the fewest the mesh can split (1 where a chunk's rows split over

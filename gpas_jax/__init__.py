@@ -7,7 +7,8 @@ one above), so a reader can start at the bottom and meet nothing unexplained. Bo
                                                names; the mesh and logical-axis rules; start-up
   runtime/    what training and the performance tools share: console, profiling, CPU peak,
               XLA flags, the fast allocator
-  config      sizes, recipes, allowed values and the validation of a ConfigDict
+  config      sizes, recipes, allowed values, the validation of a ConfigDict and its resolution
+              (baseline_faithful into plain fields, once) | testing/: a local GCS server (a peer)
   model/      the GPAS op (model/gpas.py, the paper's idea), layers, blocks, the transformer,
               per-layer statistics, the baseline's parameter names (interop)
   data/       TFDS / embedded / token-row sources, tokenizers, grain pipelines (a peer of model)
@@ -17,7 +18,7 @@ one above), so a reader can start at the bottom and meet nothing unexplained. Bo
               the side-by-side comparison
   perf/       the bench and its parts, AOT plans
 
-LAYERS is that order; tests/test_layers.py reads every module's imports and holds it.
+LAYERS is that order; tests/test_package_layers.py reads every module's imports and holds it.
 """
 
 import glob
@@ -32,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS: tuple[tuple[str, ...], ...] = (
     ('storage', 'tree_paths', 'sharding', 'distributed'),
     ('runtime',),
-    ('config',),
+    ('config', 'testing'),
     ('model', 'data'),
     ('train',),
     ('analysis',),

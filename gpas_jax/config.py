@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from absl import logging
 import ml_collections
 
 from gpas_jax.runtime import cli
@@ -15,7 +16,7 @@ GATE_ACTS = ('silu', 'identity', 'relu', 'tanh', 'leaky_relu', 'scale_silu', 'si
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 LNS_MODES = ('init', 'fixed')
 DTYPES = ('float32', 'bfloat16', 'float64', 'float16')
-ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')  # see layers.causal_attention
+ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')  # model/layers.causal_attention's
 OPTIMIZERS = ('adam', 'adamw')
 NAN_POLICIES = ('stop', 'skip')
 DATA_SOURCES = ('embedded', 'tfds', 'text_folder', 'tokens')
@@ -57,7 +58,9 @@ RECIPES = {
                loss_chunks=512, ddp_gpus=8, remat='full'),
 }
 
-# What config.baseline_faithful sets, each field also settable on its own.
+# What config.baseline_faithful sets. Each field is left unset (None) in configs/base.py, and
+# resolve() fills it once, when the config is loaded: FAITHFUL's value under baseline_faithful,
+# else DEFAULTS'. A value set explicitly (a config file, --config.x=v) is kept either way.
 FAITHFUL = {
     'optim.arithmetic': 'torch',
     'optim.baseline_last_step': True,
@@ -66,17 +69,16 @@ FAITHFUL = {
     'optim.grad_accumulation': 'torch',
     'model.excess_precision': False,
 }
-# Defaults of fields newer than some saved config.json files.
-_DEFAULTS = {
+DEFAULTS = {
     'optim.arithmetic': 'optax',
     'optim.baseline_last_step': False,
-    'optim.loss_chunks': 1,
-    'optim.grad_accumulation': 'weighted',
-    'optim.ddp_world_size': 1,
     'model.loss_dtype': 'float32',
     'model.attention_logits_dtype': 'compute',
+    'optim.grad_accumulation': 'weighted',
     'model.excess_precision': True,
 }
+# Fields newer than some saved config.json files, with the value those runs used.
+_NEWER = {'optim.loss_chunks': 1, 'optim.ddp_world_size': 1, 'optim.chunk_group': 0}
 ARITHMETICS = ('optax', 'torch')
 # 'weighted': one backward of the batch's chunk-weighted loss (micro_batches split it for memory)
 # | 'torch': the release's backward per chunk, summed in the compute dtype as .grad and DDP do.
@@ -86,22 +88,58 @@ ATTENTION_LOGITS_DTYPES = ('compute', 'float32')
 TOKENS_DTYPES = ('uint16', 'uint32')
 
 
-def effective(config: ml_collections.ConfigDict, key: str) -> Any:
-  """The value of 'section.field' a run uses: FAITHFUL's under baseline_faithful, else the field."""
-  if config.get('baseline_faithful', False) and key in FAITHFUL:
-    return FAITHFUL[key]
+def _field(config: ml_collections.ConfigDict, key: str) -> tuple[Any, str]:
+  """(the section holding 'section.field', the field); a section a config.json lacks is added."""
   section, field = key.split('.')
-  return config[section].get(field, _DEFAULTS.get(key))
+  if section not in config:
+    with config.unlocked():
+      config[section] = ml_collections.ConfigDict()
+  return config[section], field
 
 
-def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.model with baseline_faithful's model fields applied (a copy)."""
-  m = ml_collections.ConfigDict(config.model.to_dict())
-  for key in FAITHFUL:
-    section, field = key.split('.')
-    if section == 'model':
-      m[field] = effective(config, key)
-  return m
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills, in place, each field baseline_faithful decides (and fields newer than an old
+  config.json) with the value the run uses, so every reader reads the plain field and
+  config.json records it. A value set explicitly is kept (a notice names it beside
+  baseline_faithful). config.resolved_faithful records the switch it was resolved under: a
+  second call changes nothing, and one after baseline_faithful was flipped moves the fields it
+  had filled to the other side's values."""
+  faithful = bool(config.get('baseline_faithful', False))
+  before = config.get('resolved_faithful')
+  if before is not None and bool(before) == faithful:
+    return config
+  filled = None if before is None else (FAITHFUL if before else DEFAULTS)
+  kept = []
+  with config.unlocked():
+    for key, value in _NEWER.items():
+      section, field = _field(config, key)
+      if section.get(field) is None:
+        section[field] = value
+    for key in FAITHFUL:
+      section, field = _field(config, key)
+      value = section.get(field)
+      if value is None or (filled is not None and value == filled[key]):
+        section[field] = FAITHFUL[key] if faithful else DEFAULTS[key]
+      elif faithful and value != FAITHFUL[key]:
+        kept.append(key)
+    config.resolved_faithful = faithful
+  if kept:
+    logging.warning('baseline_faithful: keeping %s as set (baseline_faithful alone sets %s).',
+                    ', '.join(f'{k}={_field(config, k)[0][k.split(".")[1]]!r}' for k in kept),
+                    ', '.join(f'{k}={FAITHFUL[k]!r}' for k in kept))
+  return config
+
+
+def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The resolved config of a run's config.json. One written before configs were resolved (no
+  resolved_faithful) is read as it ran: under baseline_faithful, FAITHFUL's values won."""
+  config = ml_collections.ConfigDict(saved)
+  if saved.get('resolved_faithful') is None and saved.get('baseline_faithful'):
+    with config.unlocked():
+      for key, value in FAITHFUL.items():
+        section, field = _field(config, key)
+        section[field] = value
+  return resolve(config)
 
 
 # The fields that name files or folders: relative to the working directory (cli.resolve_path).
@@ -124,7 +162,7 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def total_updates(config: ml_collections.ConfigDict) -> int:
   """Updates a run performs: num_train_steps, plus the baseline's extra last one (N + 1)."""
-  return config.num_train_steps + (1 if effective(config, 'optim.baseline_last_step') else 0)
+  return config.num_train_steps + (1 if config.optim.baseline_last_step else 0)
 
 
 class ConfigError(cli.UserError, ValueError):
@@ -212,8 +250,8 @@ def validate_model(m: ml_collections.ConfigDict, pad_id: int = 0, eos_id: int = 
   _choice(m.param_dtype, 'model.param_dtype', DTYPES)
   _choice(m.compute_dtype, 'model.compute_dtype', DTYPES)
   _choice(m.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
-  _choice(getattr(m, 'attention_logits_dtype', 'compute'), 'model.attention_logits_dtype',
-          ATTENTION_LOGITS_DTYPES)
+  _choice(getattr(m, 'attention_logits_dtype', None) or DEFAULTS['model.attention_logits_dtype'],
+          'model.attention_logits_dtype', ATTENTION_LOGITS_DTYPES)  # None: resolve() sets it
   for f in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads'):
     _positive(m[f], f'model.{f}')
   if m.hidden_size % m.num_heads:
@@ -240,9 +278,8 @@ def validate_model(m: ml_collections.ConfigDict, pad_id: int = 0, eos_id: int = 
 
 def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
   """optim.grad_accumulation and the release's DDP world size that its chunks are spread over."""
-  _choice(c.optim.get('grad_accumulation', 'weighted'), 'optim.grad_accumulation',
-          GRAD_ACCUMULATIONS)
-  world = c.optim.get('ddp_world_size', 1)
+  _choice(c.optim.grad_accumulation, 'optim.grad_accumulation', GRAD_ACCUMULATIONS)
+  world = c.optim.ddp_world_size
   _positive(world, 'optim.ddp_world_size')
   if chunks % world:
     raise ConfigError(
@@ -250,7 +287,7 @@ def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
         'release\'s chunks are its GPUs x accumulation steps, so loss_chunks is a multiple of it.')
   # Under 'torch' micro_batches has no effect (each chunk's backward is whole: splitting a chunk
   # would change its rounding); optim.chunk_group sets how many chunks run at once.
-  group = c.optim.get('chunk_group', 0)
+  group = c.optim.chunk_group
   if not isinstance(group, int) or group < 0 or (group and chunks % group):
     raise ConfigError(
         f'optim.chunk_group={group!r} does not divide optim.loss_chunks={chunks}: it is how many '
@@ -259,7 +296,8 @@ def _validate_accumulation(c: ml_collections.ConfigDict, chunks: int) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Rejects a bad run config before anything is built or compiled."""
+  """Rejects a bad run config before anything is built or compiled (resolving it first)."""
+  resolve(c)
   validate_model(c.model, c.data.pad_id, c.data.eos_id)
   try:
     xla_flags.parse(c.get('xla_flags', '') or '')
@@ -269,10 +307,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(c.nan_policy, 'nan_policy', NAN_POLICIES)
   _choice(c.data.source, 'data.source', DATA_SOURCES)
   _choice(c.data.layout, 'data.layout', LAYOUTS)
-  _choice(c.optim.get('arithmetic', 'optax'), 'optim.arithmetic', ARITHMETICS)
-  _choice(c.model.get('loss_dtype', 'float32'), 'model.loss_dtype', LOSS_DTYPES)
+  _choice(c.optim.arithmetic, 'optim.arithmetic', ARITHMETICS)
+  _choice(c.model.loss_dtype, 'model.loss_dtype', LOSS_DTYPES)
   _choice(c.data.get('tokens_dtype', 'uint16'), 'data.tokens_dtype', TOKENS_DTYPES)
-  chunks = c.optim.get('loss_chunks', 1)
+  chunks = c.optim.loss_chunks
   _positive(chunks, 'optim.loss_chunks')
   if c.optim.global_batch_size % chunks:
     raise ConfigError(
@@ -301,7 +339,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                       'a next-token target).')
   if not 0 <= c.optim.warmup_steps <= c.num_train_steps:
     raise ConfigError(f'optim.warmup_steps={c.optim.warmup_steps} is outside '
-                      f'0..num_train_steps={c.num_train_steps}.')
+                      f'0..num_train_steps={c.num_train_steps}: set '
+                      f'--config.optim.warmup_steps={max(0, c.num_train_steps // 10)} (10% of the '
+                      'steps, as the paper\'s recipes) or a longer num_train_steps.')
   missing = object()
   for row in RANGES:
     value = _get(c, row[0], missing)

@@ -49,6 +49,21 @@ def configure_clients() -> None:
     os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'local')
 
 
+def write_failure_hint(path: str, cause: str) -> str:
+  """What to check when a write under `path` failed with `cause`: the disk for a local path; for
+  a URL the bucket and its server (a server without object generations named as such)."""
+  if not is_url(path):
+    return 'Free disk space or fix the storage'
+  if 'StorageGeneration' in cause:
+    return ('The storage server sent no object generations, which checkpoint writes need (the '
+            'bare gcp-storage-emulator does not; python -m gpas_jax.testing.gcs_server does): '
+            'fix the server')
+  server = os.environ.get('STORAGE_EMULATOR_HOST') or 'GCS'
+  bucket = urllib.parse.urlparse(os.fspath(path)).netloc
+  return (f'A storage failure: check that bucket {bucket} exists, that this host may write to '
+          f'it, and that the storage server ({server}) is reachable')
+
+
 def _no_listing_cache() -> None:
   """gcsfs caches folder listings forever by default; Orbax (tensorstore), the lock (the GCS
   client) and other hosts write to the same folders behind its back, so a cached listing would

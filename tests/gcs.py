@@ -27,7 +27,8 @@ def check_local(env) -> None:
 
 
 class Server:
-  """One gcs_server.py process (objects in memory, or in data_dir so a restart keeps them)."""
+  """One gpas_jax.testing.gcs_server process (objects in memory, or in data_dir so a restart
+  keeps them)."""
 
   def __init__(self, data_dir: str | None = None, port: int | None = None):
     self.port = port or free_port()
@@ -36,9 +37,10 @@ class Server:
     self.proc = None
 
   def start(self) -> 'Server':
-    args = [sys.executable, os.path.join(ROOT, 'tests', 'gcs_server.py'), str(self.port)]
-    self.proc = subprocess.Popen(args + ([self.data_dir] if self.data_dir else []),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, '-m', 'gpas_jax.testing.gcs_server', f'--port={self.port}']
+    self.proc = subprocess.Popen(args + ([f'--data_dir={self.data_dir}'] if self.data_dir else []),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, 'PYTHONPATH': ROOT})
     deadline = time.time() + 30
     while True:
       try:

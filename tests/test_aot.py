@@ -50,8 +50,10 @@ def p_abstract(c):
 
 def test_parse_mesh():
   assert aot.parse_mesh('1,64,1') == (1, 64, 1)
-  with pytest.raises(ValueError):
-    aot.parse_mesh('1,64')
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  for bad in ('1,64', 'abc', '1,0,1'):
+    with pytest.raises(cli.UserError, match=f'--mesh={bad}: give data,fsdp,tensor'):
+      aot.parse_mesh(bad)
 
 
 def test_compile_study_runs_small():

@@ -24,6 +24,11 @@ def test_compare_writes_the_table_and_figure_and_agrees_in_float32(tmp_path):
   assert bf16['noise_floor']['updates'] == 4 and bf16['gate_gap_over_noise'] >= 0
   table = open(os.path.join(out, 'compare.md')).read()
   assert '| float32 | jax_vs_torch |' in table and '| bfloat16 | noise_floor |' in table
+  # The N + 1 and the ratio explained where they are printed.
+  assert "4 updates (--updates 3, plus the release's extra last one" in table
+  assert 'cannot say which side is nearer exact arithmetic' in table
+  assert "the largest gap: layer " in table
+  assert bf16['jax_vs_float32']['updates'] == 4 and 'the nearer to exact arithmetic is' in table
   assert json.load(open(os.path.join(out, 'compare.json')))['updates'] == 4
 
 
@@ -48,6 +53,10 @@ def test_the_bf16_figure_draws_the_noise_floor_beside_the_gap(tmp_path, monkeypa
   np.testing.assert_allclose([band.min(), band.max()], [-0.003, 0.003], rtol=1e-6)
   loss_floor = floor(bf16_axes[0])[0].get_ydata()
   np.testing.assert_allclose(loss_floor, 0.003 * np.arange(5), atol=1e-12)
+  # Layers count from 1, as every other figure; a short run's points are marked, not joined.
+  gate_lines = [l for l in bf16_axes[2].lines if l.get_label().startswith('layer')]
+  assert [l.get_label() for l in gate_lines] == ['layer 1', 'layer 2']
+  assert all(l.get_marker() == 'o' for l in gate_lines)
 
 
 def test_a_multi_gpu_world_size_is_refused(tmp_path):

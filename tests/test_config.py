@@ -1,6 +1,7 @@
 """Config files load and validate; every bad config is rejected with its message."""
 
 import glob
+import json
 import importlib
 import os
 
@@ -134,3 +135,79 @@ def test_range_bounds_are_inclusive_or_open_as_the_table_says(row):
     _set(c, field, bound - inside if integer else float(bound) - inside)
     with pytest.raises(config_lib.ConfigError, match=field):
       config_lib.validate(c)
+
+
+def _tiny():
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  return tiny.get_config()
+
+
+@pytest.mark.parametrize('faithful', [False, True])
+def test_resolve_puts_what_baseline_faithful_decides_into_the_plain_fields(faithful):
+  """Every reader reads the field: no config.effective, the value resolve fills is the run's."""
+  assert not hasattr(config_lib, 'effective')
+  c = _tiny()
+  c.baseline_faithful = faithful
+  assert c.optim.grad_accumulation is None  # unset until the config is resolved
+  config_lib.validate(c)  # resolves first
+  side = config_lib.FAITHFUL if faithful else config_lib.DEFAULTS
+  for key, value in side.items():
+    section, field = key.split('.')
+    assert c[section][field] == value, key
+  assert c.resolved_faithful is faithful
+  assert config_lib.total_updates(c) == c.num_train_steps + faithful
+
+
+def test_an_explicit_value_beside_baseline_faithful_is_kept_and_named(caplog):
+  c = _tiny()
+  c.baseline_faithful = True
+  c.model.excess_precision = True  # the plain default, set on purpose
+  c.optim.grad_accumulation = 'weighted'
+  config_lib.resolve(c)
+  assert c.model.excess_precision is True and c.optim.grad_accumulation == 'weighted'
+  assert c.optim.arithmetic == 'torch' and c.model.loss_dtype == 'compute'
+  assert 'baseline_faithful: keeping' in caplog.text
+  assert 'model.excess_precision=True' in caplog.text
+  assert "optim.grad_accumulation='weighted'" in caplog.text
+  caplog.clear()
+  config_lib.resolve(c)  # a second call changes nothing and says nothing
+  assert c.model.excess_precision is True and not caplog.text
+
+
+def test_flipping_baseline_faithful_after_resolving_moves_only_the_fields_it_filled():
+  c = _tiny()
+  c.model.loss_dtype = 'compute'  # explicit (not the plain default): stays either way
+  config_lib.resolve(c)
+  assert c.optim.arithmetic == 'optax'
+  c.baseline_faithful = True
+  config_lib.resolve(c)
+  assert (c.optim.arithmetic, c.model.excess_precision, c.model.loss_dtype) == (
+      'torch', False, 'compute')
+  c.baseline_faithful = False
+  config_lib.resolve(c)
+  assert (c.optim.arithmetic, c.model.excess_precision) == ('optax', True)
+
+
+def test_a_config_json_from_before_resolution_reads_as_it_ran():
+  """An old config.json (no resolved_faithful; the fields at their old defaults) under
+  baseline_faithful: the switch won then, so the fields read FAITHFUL's values; a resolved
+  config.json is read as written, an explicit value kept."""
+  old = json.loads(_tiny().to_json_best_effort())
+  del old['resolved_faithful']
+  old['baseline_faithful'] = True
+  for key, value in config_lib.DEFAULTS.items():
+    section, field = key.split('.')
+    old[section][field] = value
+  for key in ('optim.loss_chunks', 'optim.ddp_world_size', 'optim.chunk_group'):
+    del old['optim'][key.split('.')[1]]  # older still: fields that came later
+  c = config_lib.from_saved(old)
+  for key, value in config_lib.FAITHFUL.items():
+    section, field = key.split('.')
+    assert c[section][field] == value, key
+  assert (c.optim.loss_chunks, c.optim.ddp_world_size) == (1, 1)
+  config_lib.validate(c)
+  new = _tiny()
+  new.baseline_faithful, new.model.excess_precision = True, True
+  saved = json.loads(config_lib.resolve(new).to_json_best_effort())
+  assert saved['model']['excess_precision'] is True and saved['resolved_faithful'] is True
+  assert config_lib.from_saved(saved).model.excess_precision is True

@@ -240,8 +240,8 @@ def test_faithful_turns_it_on_and_bad_values_are_refused_before_compiling():
   """baseline_faithful implies it; a bad value or world size: one-line errors before compiling."""
   c = tiny_train_config(**{'optim.global_batch_size': 8, 'optim.loss_chunks': 4})
   c.baseline_faithful = True
-  assert config_lib.effective(c, 'optim.grad_accumulation') == 'torch'
   config_lib.validate(c)
+  assert c.optim.grad_accumulation == 'torch'
   for field, value, message in [
       ('grad_accumulation', 'nccl', "optim.grad_accumulation='nccl' is not supported"),
       ('ddp_world_size', 3, 'optim.ddp_world_size=3 does not divide optim.loss_chunks=4'),

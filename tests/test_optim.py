@@ -113,11 +113,11 @@ class _Layer(nnx.Module):
 def test_is_gate_path_on_dicts_lists_and_nnx_state():
   tree = {'layers': {'gpas': {'gate': jnp.zeros(3)}, 'mlp': {'gate': {'kernel': jnp.zeros(2)}}},
           'blocks': [{'gpas': {'gate': jnp.zeros(())}}], 'gate_proj': jnp.zeros(1)}
-  assert sorted(optim.gate_values(tree)) == ['blocks/0/gpas/gate', 'layers/gpas/gate']
+  assert sorted(optim.gate_leaves(tree)) == ['blocks/0/gpas/gate', 'layers/gpas/gate']
   state = nnx.state(_Layer(nnx.Rngs(0)), nnx.Param)
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
   assert [optim.is_gate_path(p) for p in paths].count(True) == 1
-  assert list(optim.gate_values(state)) == ['gpas/gate']
+  assert list(optim.gate_leaves(state)) == ['gpas/gate']
   assert optim.count_params(state) == 3 * 4 + 2
   assert not optim.is_gate_path(())
 

@@ -1,6 +1,6 @@
 """Runs in a bucket: every path a run reads or writes, against a GCS server on 127.0.0.1.
 
-The server is gcp-storage-emulator (tests/gcs_server.py adds the preconditions GCS enforces).
+The server is gcp-storage-emulator (gpas_jax/testing/gcs_server.py adds what real GCS does).
 The clients are pointed at it by STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL alone.
 """
 
@@ -319,6 +319,8 @@ def test_the_storage_server_gone_mid_run_fails_the_save_then_the_run_resumes(
   assert len(errors) == 1, err[-3000:]
   assert 'the storage server cannot be reached' in errors[0]
   assert 'The last complete checkpoint is step 3' in errors[0]
+  assert 'A storage failure' in errors[0] and 'disk space' not in errors[0]  # a bucket, not a disk
+  assert 'Traceback' not in err, err  # the checkpointer's tracebacks: --traceback only
   s.start()
   try:
     r = _train(config, workdir, env)

@@ -33,13 +33,13 @@ def run_importance(workdir: str, step: int | None = None,
     raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
   step = saved[-1] if step is None else step  # Recorded with the result.
   # Lazy: the checkpoint and data modules pull in orbax and grain, not needed for the figures.
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax import data  # pylint: disable=import-outside-toplevel
   from gpas_jax.model import stats  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   _, model = loading.load_model(workdir, step=step)
   # The run's own config.json: load_model shrinks the batch sizes for its one-device restore.
-  config = ml_collections.ConfigDict(storage.read_json(os.path.join(workdir, 'config.json')))
+  config = config_lib.from_saved(storage.read_json(os.path.join(workdir, 'config.json')))
   batches = data.make_eval_batches(config)
   if max_batches:
     batches = itertools.islice(batches, max_batches)
@@ -63,16 +63,15 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
       ('activation_variance.png', plots.activation_variance_heatmap, records,
        f'{title}: residual-stream variance'),
       ('grad_norms.png', plots.grad_norm_plot, records, f'{title}: per-layer gradient norm'),
-      # metrics.jsonl logs the gates more often than analysis.jsonl; use it when it has them.
-      ('gates.png', plots.gate_plot,
-       metrics if any(k.startswith('gate/') for r in metrics for k in r) else records,
-       f'{title}: GPAS gates'),
+      ('gates.png', plots.gate_plot, _denser_gates(metrics, records), f'{title}: GPAS gates'),
   ]
   for fname, fn, recs, fig_title in jobs:
     try:
       written.append(fn(recs, os.path.join(out_dir, fname), title=fig_title))
     except ValueError as e:  # No such records (analysis off, or no GPAS): skip that figure.
-      console.say(f'no {fname}: {e}' + (_RECORD_HINT if recs is records else ''))
+      if fname == 'gates.png' and not run.norm_type.endswith('_gpas'):
+        e = f'{run.norm_type} has no GPAS gates'
+      console.say(f'no {fname} for {workdir}: {e}' + (_RECORD_HINT if recs is records else ''))
   if any('loss' in r for r in metrics):
     written.append(plots.loss_curves_plot({title: metrics}, os.path.join(out_dir, 'loss.png'),
                                           title=title))
@@ -90,6 +89,16 @@ def analyze_run(workdir: str, out_dir: str | None = None, importance: bool = Tru
           {title: imp['importance']}, os.path.join(out_dir, 'layer_importance.png'),
           title=f'{title}: layer importance')]
   return written
+
+
+def _denser_gates(metrics: list[dict[str, Any]], records: list[dict[str, Any]]) -> list:
+  """The records that sample the gates at more steps: metrics.jsonl (gate/<i>, each log step)
+  or analysis.jsonl (analysis.every_steps, which a run may set denser)."""
+  def steps(recs: list[dict[str, Any]], has: Any) -> int:
+    return len({r.get('step') for r in recs if has(r)})
+  in_metrics = steps(metrics, lambda r: any(k.startswith('gate/') for k in r))
+  in_analysis = steps(records, lambda r: 'gate' in r)
+  return metrics if in_metrics and in_metrics >= in_analysis else records
 
 
 def define_flags() -> None:

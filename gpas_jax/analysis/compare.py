@@ -29,7 +29,7 @@ def _labels(runs: list[runs_lib.RunDir]) -> list[str]:
     labels = [r.norm_type for r in runs]
   keys = [(l, r.seed) for l, r in zip(labels, runs)]
   if len(set(keys)) < len(keys):  # Same settings and seed in two places: tell them apart.
-    labels = [os.path.relpath(r.path) for r in runs]
+    labels = [r.path if storage.is_url(r.path) else os.path.relpath(r.path) for r in runs]
   return labels
 
 

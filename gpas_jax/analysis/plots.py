@@ -61,6 +61,16 @@ def _log_ok(values: np.ndarray) -> bool:
   return finite.size > 0 and bool(np.all(finite > 0))
 
 
+# A run logged at this many steps or fewer gets a marker at each: two points joined by a line
+# would read as a trend.
+FEW_POINTS = 25
+
+
+def _markers(n: int) -> dict[str, Any]:
+  """Line style keywords that mark each point of a short series."""
+  return {'marker': 'o', 'ms': 3} if n <= FEW_POINTS else {}
+
+
 def _legend(ax: Any, n: int, **kwargs: Any) -> None:
   if n <= 32:
     ax.legend(fontsize='x-small', ncol=max(1, math.ceil(n / 12)), loc='best', **kwargs)
@@ -215,7 +225,8 @@ def gate_plot(records: Sequence[Mapping[str, Any]], path: str, title: str = 'GPA
   for i, c in enumerate(_layer_colors(len(labels))):
     style = '--' if labels[i].endswith('.mlp') else '-'
     for ax, values in ((ax_g, gate_SxG), (ax_s, scale_SxG)):
-      ax.plot(steps, values[:, i], style, color=c, lw=1.2, label=f'layer {labels[i]}')
+      ax.plot(steps, values[:, i], style, color=c, lw=1.2, label=f'layer {labels[i]}',
+              **_markers(len(steps)))
   ylim = ax_s.get_ylim()  # Reference lines must not stretch the axis over tiny changes.
   ax_s.axhline(1.0, color='grey', lw=0.6, ls=':', label='1: stream unchanged')
   ax_s.axhline(0.0, color='red', lw=0.6, ls=':')  # Below 0 the stream flips sign.
@@ -308,12 +319,12 @@ def loss_curves_plot(runs: Mapping[str, Any], path: str, title: str = 'Loss') ->
     recs = list(recs)
     record_sets = recs if recs and isinstance(recs[0], (list, tuple)) else [recs]
     steps, loss_RxS = _aligned(record_sets, 'loss')
-    line = _plot_band(ax_t, steps, loss_RxS, label, lw=1.0)
+    line = _plot_band(ax_t, steps, loss_RxS, label, lw=1.0, **_markers(steps.size))
     e_steps, e_loss_RxS = _aligned(record_sets, 'eval_loss')
     if e_steps.size:
       _plot_band(ax_e, e_steps, e_loss_RxS, label, marker='o', ms=3, color=line.get_color())
   ax_t.set_title(f'{title}: train')
-  ax_e.set_title('eval (the data.eval_tokens budget)')
+  ax_e.set_title('eval: loss on held-out text (the same tokens each time)')
   ax_t.set_ylabel(TRAIN_LOSS_LABEL)
   ax_e.set_ylabel('eval loss')
   for ax in (ax_t, ax_e):
@@ -321,5 +332,6 @@ def loss_curves_plot(runs: Mapping[str, Any], path: str, title: str = 'Loss') ->
     # Steps are whole: one eval point must tick 6, not 5.7 .. 6.3 (min_n_ticks=1 allows it).
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize='small')
+    if ax.get_legend_handles_labels()[0]:  # a run without eval has no eval line to name
+      ax.legend(fontsize='small')
   return _save(fig, path)

@@ -155,27 +155,26 @@ def build_table(runs: Iterable[runs_lib.RunDir],
   runs = list(runs)
   majority = _majority_recipes(runs) if recipes is None else {}
   chosen: dict[tuple[str, str, int], runs_lib.RunDir] = {}
-  duplicates = []
+  duplicates, mismatched = [], []
   for run in runs:
     key = (run.size_name, run.norm_type, run.seed)
-    if key in chosen:
+    # The recipe first: a run of another recipe is another experiment, never a duplicate.
+    want = (recipes or {}).get(key) if recipes is not None else majority.get(key[0])
+    diffs = recipe_diffs(recipe(run.config), want) if want is not None else []
+    if diffs:
+      mismatched.append((run.path, diffs))
+    elif key in chosen:
       # Keep a finished run over an unfinished one; otherwise the first in path order.
       keep, drop = chosen[key], run
       if run.finished and not keep.finished:
         keep, drop = run, keep
       chosen[key] = keep
-      duplicates.append(f'{drop.path} (same settings as {keep.path}; ignored)')
+      duplicates.append(f'{drop.path} (same settings and recipe as {keep.path}; ignored)')
     else:
       chosen[key] = run
   cells: dict[tuple[str, str], Cell] = {}
-  unfinished, mismatched = [], []
+  unfinished = []
   for (size, norm_type, seed), run in sorted(chosen.items()):
-    want = (recipes or {}).get((size, norm_type, seed)) if recipes is not None else (
-        majority.get(size))
-    diffs = recipe_diffs(recipe(run.config), want) if want is not None else []
-    if diffs:
-      mismatched.append((run.path, diffs))
-      continue
     if not run.finished:
       unfinished.append((size, norm_type, seed, run.last_step(), run.path))
       continue
@@ -185,11 +184,12 @@ def build_table(runs: Iterable[runs_lib.RunDir],
       cell.diverged += 1
     else:
       cell.values.append(ppl)
-  keys = set(chosen) | expected
+  seen = {(r.size_name, r.norm_type, r.seed) for r in runs}
+  keys = seen | expected
   sizes = sorted({k[0] for k in keys}, key=size_key)
   present = {_base_of(k[1]) for k in keys}
   bases = [b for b in BASES if b in present] + sorted(present - set(BASES))
-  missing = sorted(expected - set(chosen), key=lambda k: (size_key(k[0]), k[1], k[2]))
+  missing = sorted(expected - seen, key=lambda k: (size_key(k[0]), k[1], k[2]))
   reference = ('the sweep' if recipes is not None else
                'the recipe most runs of the size share')
   return Table(sizes, bases, cells, missing, unfinished, duplicates, mismatched, reference)
@@ -294,7 +294,9 @@ def define_flags() -> None:
   flags.DEFINE_string('root', None, 'Folder searched (at any depth) for runs.', required=True)
   flags.DEFINE_string('out', None, 'Where table.md and table.csv go; default --root.')
   config_flags.DEFINE_config_file('sweep', None, 'A sweep config: lists the runs it expects '
-                                  'that are missing.')
+                                  'that are missing, and checks each run\'s recipe against it. '
+                                  'Give the same --sweep.<field>=v and '
+                                  '--sweep.overrides.<field>=v flags the sweep ran with.')
 
 
 def main(argv: Sequence[str]) -> None:

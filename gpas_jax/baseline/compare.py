@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 import gpas_jax
+from gpas_jax import config as config_lib
 from gpas_jax.runtime import cli
 
 _HISTORY_KEYS = ('loss', 'grad_norm', 'gates')
@@ -71,7 +72,7 @@ def faithful_config(config: ml_collections.ConfigDict, tokens_path: str, init: s
   c.analysis.every_steps = 0
   c.logging.tensorboard = False
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = 1, 1, 1, 1  # one device, as torch
-  return c
+  return config_lib.resolve(c)
 
 
 def run_jax(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -175,7 +176,31 @@ def gaps(a: Sequence[dict], b: Sequence[dict]) -> dict[str, float]:
   g = [np.abs(np.subtract(x['gates'], y['gates'])) for x, y in zip(a, b) if x['gates']]
   out['gate_max_abs'] = float(max(d.max() for d in g)) if g else 0.0
   out['gate_final_max_abs'] = float(g[-1].max()) if g else 0.0
+  if g:  # where the largest gate difference is: after how many updates, and the layer (from 1)
+    u = int(np.argmax([d.max() for d in g]))  # record u holds the gates after u updates
+    out['gate_max_at'] = [u, int(np.argmax(g[u])) + 1]
   return out
+
+
+def ratio_note(entry: dict[str, Any]) -> str:
+  """What the bf16 gate gap / noise floor ratio says, and what it cannot."""
+  at = entry['jax_vs_torch'].get('gate_max_at')
+  where = (f' (the largest gap: layer {at[1]}\'s gate after {at[0]} update'
+           f'{"s" if at[0] != 1 else ""})' if at else '')
+  nearer = ''
+  if 'jax_vs_float32' in entry:
+    j, t = entry['jax_vs_float32']['gate_max_abs'], entry['torch_vs_float32']['gate_max_abs']
+    nearer = (f' Against the float32 run, the gates of gpas_jax bf16 are {j:.3g} away at most, '
+              f'PyTorch bf16\'s {t:.3g}: the nearer to exact arithmetic is '
+              f'{"gpas_jax" if j < t else "PyTorch" if t < j else "neither"}.')
+  return (f'bf16 gate gap / noise floor: {entry["gate_gap_over_noise"]:.2f}x{where}. Near 1: '
+          'gpas_jax moves the gates about as far from PyTorch as reordering PyTorch\'s own sums '
+          'does (rows reversed in each chunk); well above 1: the two round differently. It '
+          'cannot say which side is nearer exact arithmetic, and it reads high over short runs: '
+          'reordering rows barely moves a gate\'s bf16 gradient (each sum accumulates in float32 '
+          'and rounds once), while that gradient, a sum that nearly cancels, is itself off the '
+          'exact one by tens of percent on either side; Adam\'s first updates, where a '
+          'gradient changes sign, magnify the difference.' + nearer)
 
 
 def make_rows(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
@@ -195,6 +220,20 @@ def save_torch_init(config: ml_collections.ConfigDict, path: str, baseline_repo:
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+def _check_run_config(config: ml_collections.ConfigDict, updates: int,
+                      precisions: Sequence[str], faithful: bool) -> None:
+  """The gpas_jax run configs of every precision validated, a warmup longer than --updates
+  refused with the flag that fixes it."""
+  if config.optim.warmup_steps > updates:
+    fix = max(1, updates // 10)
+    raise config_lib.ConfigError(
+        f'--updates {updates} trains num_train_steps={updates}, fewer than the config\'s '
+        f'optim.warmup_steps={config.optim.warmup_steps}: add --config.optim.warmup_steps={fix} '
+        '(10% of the updates, as the paper\'s recipes), or raise --updates.')
+  for dtype in precisions:
+    config_lib.validate(faithful_config(config, '', '', updates, dtype, faithful))
+
+
 def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str = '',
             tokens: str = '', precisions: Sequence[str] = ('float32', 'bfloat16'),
             baseline_repo: str = '', faithful: bool = True) -> dict[str, Any]:
@@ -202,6 +241,7 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
   if config.optim.get('ddp_world_size', 1) != 1:
     raise ValueError(f'optim.ddp_world_size={config.optim.ddp_world_size}: the PyTorch side runs '
                      'one process (one GPU); compare with --config.optim.ddp_world_size=1.')
+  _check_run_config(config, updates, precisions, faithful)  # before anything is written
   os.makedirs(out, exist_ok=True)
   b = config.optim.global_batch_size
   if not tokens:
@@ -211,7 +251,10 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
   if not init:
     init = os.path.join(out, 'init.safetensors')
     save_torch_init(config, init, baseline_repo)
-  result: dict[str, Any] = {'norm_type': config.model.norm_type, 'updates': updates + 1}
+  # N + 1: the release's loop performs one more update than its num_training_steps, at 1e-7 x
+  # the peak lr (torch_train.ref_lr_lambda); both sides run it.
+  result: dict[str, Any] = {'norm_type': config.model.norm_type, 'updates': updates + 1,
+                            'updates_flag': updates}
   inputs = {'tokens': os.path.abspath(tokens), 'init': os.path.abspath(init),
             'mtimes': [os.path.getmtime(tokens), os.path.getmtime(init)],
             'model': config.model.to_dict(), 'optim': config.optim.to_dict(),
@@ -236,33 +279,41 @@ def compare(config: ml_collections.ConfigDict, out: str, updates: int, init: str
       entry['gate_gap_over_noise'] = (entry['jax_vs_torch']['gate_max_abs'] / floor
                                       if floor > 0 else float('inf'))
     result[dtype] = entry
+  if 'float32' in curves and 'bfloat16' in curves:
+    # Which bf16 side is nearer exact arithmetic: each against PyTorch's float32 run.
+    reference = curves['float32'][1]
+    for side, h in zip(('jax', 'torch'), curves['bfloat16'][:2]):
+      result['bfloat16'][f'{side}_vs_float32'] = gaps(h, reference)
   with open(os.path.join(out, 'compare.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(out, 'compare.md'), 'w', encoding='utf-8') as f:
     f.write(format_table(result))
-  plot(curves, os.path.join(out, 'compare.png'), config.model.norm_type)
+  note = (f'bf16 gate gap / noise floor {result["bfloat16"]["gate_gap_over_noise"]:.1f}x: near 1 '
+          'as reordering PyTorch\'s sums; which side is nearer exact arithmetic: compare.md'
+          if 'bfloat16' in result else '')
+  plot(curves, os.path.join(out, 'compare.png'), config.model.norm_type, note)
   return result
 
 
 def format_table(result: dict[str, Any]) -> str:
   """The comparison as a Markdown table."""
-  lines = [f'# gpas_jax vs PyTorch: {result["norm_type"]}, {result["updates"]} updates', '',
+  extra = (f' (--updates {result["updates_flag"]}, plus the release\'s extra last one at 1e-7 x '
+           'the peak lr)' if 'updates_flag' in result else '')
+  lines = [f'# gpas_jax vs PyTorch: {result["norm_type"]}, {result["updates"]} updates{extra}', '',
            '| precision | pair | max abs loss diff | max abs grad-norm diff | max abs gate diff '
            '| final max abs gate diff |', '|---|---|---|---|---|---|']
   for dtype in ('float32', 'bfloat16'):
-    for pair in ('jax_vs_torch', 'noise_floor'):
+    for pair in ('jax_vs_torch', 'noise_floor', 'jax_vs_float32', 'torch_vs_float32'):
       g = result.get(dtype, {}).get(pair)
       if g:
         lines.append(f'| {dtype} | {pair} | {g["loss_max_abs"]:.3g} | {g["grad_norm_max_abs"]:.3g} '
                      f'| {g["gate_max_abs"]:.3g} | {g["gate_final_max_abs"]:.3g} |')
   if 'bfloat16' in result:
-    lines += ['', f'bf16 gate gap / noise floor (largest over all updates): '
-              f'{result["bfloat16"]["gate_gap_over_noise"]:.2f}x (noise floor: PyTorch against '
-              'itself with each chunk\'s rows reversed)']
+    lines += ['', ratio_note(result['bfloat16'])]
   return '\n'.join(lines) + '\n'
 
 
-def plot(curves: dict[str, tuple], path: str, title: str) -> None:
+def plot(curves: dict[str, tuple], path: str, title: str, note: str = '') -> None:
   """Per-update differences gpas_jax - PyTorch (loss, gradient norm, each layer's gate).
 
   Where a precision has a noise floor (bf16: PyTorch with each chunk's rows reversed), its
@@ -278,8 +329,10 @@ def plot(curves: dict[str, tuple], path: str, title: str) -> None:
     noise_h = rest[0] if rest else None
     n = min(len(jax_h), len(torch_h), len(noise_h) if noise_h else len(jax_h))
     steps = np.arange(1, n + 1)
+    marks = {'marker': 'o', 'ms': 3} if n <= 25 else {}  # a short run's points, not a trend
     for ax, key in zip(row[:2], ('loss', 'grad_norm')):
-      ax.plot(steps, [x[key] - y[key] for x, y in zip(jax_h[:n], torch_h)], label='gpas_jax')
+      ax.plot(steps, [x[key] - y[key] for x, y in zip(jax_h[:n], torch_h)], label='gpas_jax',
+              **marks)
       if noise_h:
         ax.plot(steps, [x[key] - y[key] for x, y in zip(noise_h[:n], torch_h)], color='0.5',
                 ls='--', label=floor_label)
@@ -292,10 +345,10 @@ def plot(curves: dict[str, tuple], path: str, title: str) -> None:
                         for x, y in zip(noise_h[:n], torch_h)])
         row[2].fill_between(steps, -env, env, color='0.6', alpha=0.35, lw=0, label=floor_label)
       for i in range(gates.shape[1]):
-        row[2].plot(steps, gates[:, i], label=f'layer {i}')
+        row[2].plot(steps, gates[:, i], label=f'layer {i + 1}', **marks)
       row[2].legend(fontsize=7)
     row[2].set(title=f'{dtype}: gates (gpas_jax - PyTorch)', xlabel='update', ylabel='difference')
-  fig.suptitle(title)
+  fig.suptitle(f'{title}\n{note}' if note else title, fontsize='medium')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -49,6 +49,11 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
   """
   from gpas_jax.analysis import runs  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
+  if storage.is_url(out_dir):  # a missing bucket: one line before the checkpoint is read
+    try:
+      storage.check_writable(out_dir)
+    except OSError as e:
+      raise cli.UserError(f'--out={out_dir}: {e}') from None
   there = [f for f in EXPORT_FILES if storage.exists(storage.join(out_dir, f))]
   if there and not overwrite:
     raise cli.UserError(f'--out={out_dir} already holds an export ({", ".join(there)}); give a '

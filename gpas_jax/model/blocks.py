@@ -14,7 +14,7 @@ import numpy as np
 from gpas_jax.model import gpas as gpas_lib
 from gpas_jax.model import layers
 
-# The residual form and GPAS flag of each norm type; Mix-LN picks per stack (see model.py).
+# The residual form and GPAS flag of each norm type; Mix-LN picks per stack (see transformer.py).
 FORMS = {
     'pre': ('pre', False), 'pre_gpas': ('pre', True),
     'lns': ('pre', False), 'lns_gpas': ('pre', True),

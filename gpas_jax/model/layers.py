@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpas_jax import config as config_lib
 from gpas_jax import sharding
 
 
@@ -93,9 +94,6 @@ def apply_rope(x_BxTxHxK: jax.Array, cos_TxK: np.ndarray, sin_TxK: np.ndarray) -
   return x_BxTxHxK * cos_TxK[:, None, :] + rotated * sin_TxK[:, None, :]
 
 
-ATTENTION_IMPLS = ('xla', 'einsum', 'dot_product', 'cudnn')
-
-
 def attention_blocks(seq_len: int) -> int:
   """Causal query blocks for 'xla' attention: one per 64 positions, at most 4 (1 below 128)."""
   return max(1, min(4, seq_len // 64))
@@ -146,7 +144,7 @@ def causal_attention(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.
                                         is_causal=True,
                                         implementation='cudnn' if impl == 'cudnn' else 'xla')
   if impl not in ('xla', 'einsum'):
-    raise ValueError(f'attention impl {impl!r}; allowed: {", ".join(ATTENTION_IMPLS)}')
+    raise ValueError(f'attention impl {impl!r}; allowed: {", ".join(config_lib.ATTENTION_IMPLS)}')
   scale = 1.0 / math.sqrt(head_dim)
   if impl == 'einsum':
     blocks = 1

@@ -52,7 +52,8 @@ class ModelConfig:
     if isinstance(cfg, ModelConfig):
       return cfg
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(cfg).items() if k in fields}
+    # None: a field a config not yet resolved leaves unset (config.resolve); the default then.
+    values = {k: v for k, v in dict(cfg).items() if k in fields and v is not None}
     out = cls(**values)
     config_lib.validate_model(out)
     return out

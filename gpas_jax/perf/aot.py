@@ -49,10 +49,14 @@ def use_fake_cpu_devices(n: int) -> None:
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
-  """'1,64,1' -> (data, fsdp, tensor)."""
-  parts = [int(p) for p in text.replace('x', ',').split(',') if p.strip()]
+  """'1,64,1' -> (data, fsdp, tensor); a refusal naming the flag otherwise."""
+  try:
+    parts = [int(p) for p in text.replace('x', ',').split(',') if p.strip()]
+  except ValueError:
+    parts = []
   if len(parts) != 3 or any(p < 1 for p in parts):
-    raise ValueError(f'--mesh {text!r}: give data,fsdp,tensor as three positive integers.')
+    raise app_usage(f'--mesh={text}: give data,fsdp,tensor as three positive integers, e.g. '
+                    '--mesh=1,8,1.')
   return tuple(parts)
 
 
@@ -140,7 +144,7 @@ def plan(config, chip: str | None = None, devices=None, count_flops: bool = True
   if chip:
     key = chip.lower().replace('tpu_', '').replace('tpu', '')
     if key not in HBM_GIB:
-      raise ValueError(f'--chip {chip!r}: known chips {", ".join(HBM_GIB)}.')
+      raise app_usage(f'--chip={chip}: known chips {", ".join(HBM_GIB)}.')
     out['chip'], out['hbm_bytes'] = key, HBM_GIB[key] * GIB
     if 'memory_analysis_bytes' in out:
       out['fits'] = out['memory_analysis_bytes']['peak_estimate'] <= out['hbm_bytes']
@@ -173,6 +177,8 @@ def format_plan(p: dict[str, Any], title: str = '') -> str:
       verdict = 'FITS' if p['fits'] else 'DOES NOT FIT'
       lines.append(f'  {p["chip"]}: {p["hbm_bytes"] / GIB:.0f} GiB HBM per chip -> {verdict} '
                    f'({100 * mem["peak_estimate"] / p["hbm_bytes"]:.0f}% of HBM)')
+      if not p['fits']:
+        lines.append(FIT_HINT.replace('--search (with --topology)', '--topology T --search'))
   return '\n'.join(lines)
 
 
@@ -249,9 +255,28 @@ def _tpu_main(f, c) -> None:
   print(format_tpu(r, f'{name}: '))
 
 
-def app_usage(msg: str) -> SystemExit:
-  """A one-line refusal of a command-line value."""
-  return SystemExit(f'error: {msg}')
+def app_usage(msg: str) -> Exception:
+  """A one-line refusal of a command-line value (exit 2)."""
+  from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
+  return cli.UserError(msg)
+
+
+# What a plan that does not fit can change (printed under the verdict).
+FIT_HINT = ('  to fit: --search (with --topology) compiles meshes, remat and micro-batches and '
+            'ranks them; or by hand --remat=full, --config.optim.micro_batches=N, a larger '
+            'slice or --mesh with more fsdp')
+
+
+def _check_topology(f) -> None:
+  """--topology as the compiler takes it, before anything compiles; --chip refused beside it."""
+  from gpas_jax.perf import tpu_plan  # pylint: disable=import-outside-toplevel
+  if f['chip'].present:
+    raise app_usage(f'--chip={f.chip} sets the HBM of the fake-CPU plan; with --topology the '
+                    "slice's own chip counts: drop --chip.")
+  try:
+    tpu_plan.check_topology(f.topology, max(1, f.num_slices))
+  except (ValueError, RuntimeError) as e:
+    raise app_usage(str(e)) from None
 
 
 def format_tpu(r: dict[str, Any], title: str = '') -> str:
@@ -269,6 +294,8 @@ def format_tpu(r: dict[str, Any], title: str = '') -> str:
                f'{hbm / GIB:.0f} GiB HBM -> {verdict}')
   if not r['fits'] and 'refusal' in r:
     lines.append(f'  the compiler: {r["refusal"]}')
+  if not r['fits']:
+    lines.append(FIT_HINT)
   if 'cost' in r:
     cost = r['cost']
     lines.append(f'  per chip (compiler cost_analysis, loop bodies scaled by {r["loop_ratio"]:.1f}'
@@ -308,12 +335,17 @@ def main(argv: list[str]) -> None:
     c.model.remat_policy = f.remat
   if f.batch:
     c.optim.global_batch_size = f.batch
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.resolve(c)
   if f.topology:
+    _check_topology(f)
     _tpu_main(f, c)
     return
   if f.search:
     raise app_usage('--search compiles with the TPU compiler: give --topology (e.g. v5e-256).')
-  data, fsdp, tensor = parse_mesh(f.mesh or '1,64,1')
+  # Default: 64 fake devices, or as many as the config's micro-batch splits over (tiny's 16).
+  rows = c.optim.global_batch_size // max(1, c.optim.micro_batches)
+  data, fsdp, tensor = parse_mesh(f.mesh or f'1,{math.gcd(rows, 64)},1')
   use_fake_cpu_devices(data * fsdp * tensor)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data = data, fsdp, tensor, 1
   p = plan(c, f.chip)
@@ -342,8 +374,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool('search', False, 'With --topology: compile candidate plans, rank them by the '
                     "compiler's estimated step time, print the best one's --config. flags.")
   flags.DEFINE_integer('max_compiles', 3, '--search: candidates compiled at most.')
-  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor (default: 1,64,1 fake CPU devices; with '
-                      '--topology the config\'s mesh; data counts all slices).')
+  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor (default: 1,64,1 fake CPU devices, fewer '
+                      'where the config\'s batch does not split over 64; with --topology the '
+                      'config\'s mesh; data counts all slices).')
   flags.DEFINE_string('chip', 'v5p', f'HBM table entry of the fake-CPU plan: {", ".join(HBM_GIB)}.')
   flags.DEFINE_enum('remat', '', ['', 'none', 'full', 'save_dots'],
                     'model.remat_policy (default: the config\'s).')

@@ -90,6 +90,22 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     return list(topologies.get_topology_desc(topology_name=topo, platform='tpu', **kwargs).devices)
 
 
+def check_topology(topology: str, num_slices: int = 1) -> None:
+  """Raises ValueError naming the fix where the TPU compiler refuses the topology (v5e:3x3)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')  # the host's own backend: no TPU to attach here
+  topo, _ = resolve_topology(topology)
+  if not libtpu_available():
+    return  # tpu_devices names the missing extra
+  try:
+    tpu_devices(topology, num_slices)
+  except Exception as e:  # pylint: disable=broad-except  # the compiler's own refusal
+    raise ValueError(f'--topology {topology} ({topo}) is not a shape the TPU compiler knows: '
+                     f'{str(e).split(": ", 1)[-1].strip()}. Use a slice name (v5e-8, v5p-128, '
+                     '...) or a shape whose sides are multiples of a host\'s chips (v5e:4x4).'
+                     ) from None
+
+
 def hbm_bytes(gen: str) -> float:
   """A chip's HBM in bytes."""
   return CHIPS[gen][0] * GIB
@@ -129,9 +145,8 @@ def loop_ratio(model_config, micro_batches: int, scanned: bool) -> float:
 def sequential_passes(config, mesh) -> int:
   """The backward passes a step runs one after another (a loop the cost analysis counts once):
   micro_batches, or under grad_accumulation='torch' its groups of chunks."""
-  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
-  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+  if config.optim.grad_accumulation == 'torch':
     return config.optim.get('loss_chunks', 1) // steps.chunk_layout(config, mesh.shape)[0]
   return config.optim.micro_batches
 
@@ -243,11 +258,10 @@ def fold_cost(s) -> tuple[dict, int]:
   the accumulators (torch_accum.fold_step, compiled on its own) and the chunks folded; else
   ({}, 0)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax import sharding  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import torch_accum  # pylint: disable=import-outside-toplevel
   c = s.config
-  if config_lib.effective(c, 'optim.grad_accumulation') != 'torch':
+  if c.optim.grad_accumulation != 'torch':
     return {}, 0
   w = c.optim.get('ddp_world_size', 1)
   grads = s.abstract_state['params']

@@ -12,7 +12,6 @@ memory model only orders and prunes: every reported figure is the compiler's.
 import math
 from typing import Any, Callable
 
-from gpas_jax import config as config_lib
 from gpas_jax import sharding
 from gpas_jax.perf import tpu_plan
 
@@ -70,7 +69,7 @@ def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
   meshes = [(chips, 1, 1), (1, chips, 1)]
   if chips >= 8 and heads % 4 == 0:
     meshes.append((1, chips // 4, 4))
-  torch_form = config_lib.effective(config, 'optim.grad_accumulation') == 'torch'
+  torch_form = config.optim.grad_accumulation == 'torch'
   if torch_form:  # chunks over data, their rows over fsdp: the release's GPUs on a slice
     split = math.gcd(config.optim.get('loss_chunks', 1), chips)
     if 1 < split < chips:

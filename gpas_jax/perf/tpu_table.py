@@ -33,7 +33,8 @@ def paper_config(size: str):
   c = importlib.import_module(f'configs.llama_{size}').get_config()
   c.model.param_dtype = c.model.compute_dtype = 'bfloat16'
   c.baseline_faithful = True
-  return c
+  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.resolve(c)
 
 
 # The rows run first on a busy machine: the closing note's (each size on v5e-256 and v5p-128,
@@ -84,9 +85,8 @@ def run_row(kind: str, size: str, slice_name: str) -> dict[str, Any]:
 
 def _accumulation(config, report: dict[str, Any]) -> dict[str, Any]:
   """How a row's gradient is formed: the release's chunks, how many run at once, and where."""
-  from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
-  form = config_lib.effective(config, 'optim.grad_accumulation')
+  form = config.optim.grad_accumulation
   out = {'grad_accumulation': form, 'loss_chunks': config.optim.loss_chunks}
   if form == 'torch':
     group, chunk_axes, row_axes = steps.chunk_layout(config, report['mesh'])

@@ -140,7 +140,9 @@ def parse_flags(argv: Sequence[str], file_flags: Sequence[str] = FILE_FLAGS) -> 
   unknown override or a config file that cannot be loaded."""
   argv = rewrite_file_flags(argv, file_flags)
   try:
-    rest = app.parse_flags_with_usage(argv)
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value or an unknown flag: the user's mistake, exit 2
+    _refuse(f'error: {" ".join(str(e).split())} (--helpshort lists the flags)')
   except (AttributeError, KeyError) as e:
     name = next((n for n in file_flags if any(a.startswith(f'--{n}.') for a in argv)), 'config')
     _refuse(override_error(e, argv, name))

@@ -17,10 +17,43 @@ from absl import logging
 
 
 def quiet_logs() -> None:
-  """Sets absl/Python logging to WARNING, unless --verbosity/-v was given on the command line."""
+  """Sets absl/Python logging to WARNING, unless --verbosity/-v was given on the command line;
+  without --traceback, leaves out the tracebacks a failed checkpoint write spills."""
   if 'verbosity' in flags.FLAGS and flags.FLAGS['verbosity'].present:
     return
   logging.set_verbosity(logging.WARNING)
+  if not ('traceback' in flags.FLAGS and flags.FLAGS.traceback):
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietFailures) for f in handler.filters):
+      handler.addFilter(_QuietFailures())
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
+# Where the error records of a failed save come from: Orbax's threads, asyncio's tasks, gcsfs's
+# retries.
+_SAVE_LOGGERS = ('/orbax/', '/asyncio/', '/gcsfs/')
+
+
+class _QuietFailures:
+  """Leaves out the error records with a traceback that a failed save logs: the same cause from
+  each thread and retry (~300 lines for one bucket write), which the tool's one-line error
+  names; --traceback keeps them."""
+
+  def filter(self, record: Any) -> bool:
+    where = record.pathname.replace('\\', '/')
+    return not (record.exc_info and any(name in where for name in _SAVE_LOGGERS))
+
+
+def _quiet_closed_loop(hook: Any) -> Any:
+  """sys.unraisablehook without the 'Event loop is closed' a storage client's late callbacks
+  raise (from its C++ threads, one per pending request) after a failed save closed Orbax's loop."""
+  def unraisablehook(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    hook(unraisable)
+  unraisablehook.quiet = True
+  return hook if getattr(hook, 'quiet', False) else unraisablehook
 
 
 def verbose() -> bool:

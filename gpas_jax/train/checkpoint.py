@@ -262,7 +262,8 @@ class Saver:
 
   def _error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
     latest = self.manager.latest_step()
+    hint = storage.write_failure_hint(str(self.manager.directory), str(e))
     return CheckpointSaveError(
         f'saving checkpoint step {step} to {self.manager.directory} failed: {cause(e)}. The last '
-        f'complete checkpoint is {"step " + str(latest) if latest is not None else "none"}. Free '
-        'disk space or fix the storage, then rerun the same command to resume.')
+        f'complete checkpoint is {"step " + str(latest) if latest is not None else "none"}. '
+        f'{hint}, then rerun the same command to resume.')

@@ -43,6 +43,7 @@ def train_main(argv: list[str]) -> None:
   workdir = cli.resolve_path(flags.FLAGS.workdir)  # a gs:// workdir stays as it is
   from gpas_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.runtime import xla_flags  # pylint: disable=import-outside-toplevel
+  config_lib.resolve(config)  # what baseline_faithful decides, into the plain fields, once
   config_lib.resolve_paths(config)  # relative data/init paths: to this folder, as recorded
   config_lib.validate(config)  # a bad config is refused before anything starts
   xla_flags.apply(config)  # config.xla_flags, before JAX starts its backend

@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gpas_jax import config as config_lib
 from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train import restore as restore_lib
@@ -20,7 +21,7 @@ def _read_config(workdir: str) -> ml_collections.ConfigDict:
   saved = storage.read_json(path)
   if saved is None:
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a run directory.')
-  return ml_collections.ConfigDict(saved)
+  return config_lib.from_saved(saved)
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:

@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpas_jax import config as config_lib
 from gpas_jax.train import torch_optim
 from gpas_jax import tree_paths
 
@@ -63,8 +62,9 @@ def gate_mask(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(lambda p, _: is_gate_path(p), tree)
 
 
-def gate_values(params: PyTree) -> dict[str, jax.Array]:
-  """Returns {'layers/gpas/gate': value, ...} for every gate leaf (stacked gates stay stacked)."""
+def gate_leaves(params: PyTree) -> dict[str, jax.Array]:
+  """{'layers/gpas/gate': leaf, ...}: the gate leaves a path selects (clipping's view of a tree;
+  model.transformer.gate_values reads a model's gates per layer)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   return {path_str(p): v for p, v in flat if is_gate_path(p)}
 
@@ -101,7 +101,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]
   warmup = int(o.warmup_steps)
   total = int(config.num_train_steps)
   min_ratio = float(o.min_lr_ratio)
-  last_step_quirk = bool(config_lib.effective(config, 'optim.baseline_last_step'))
+  last_step_quirk = bool(config.optim.baseline_last_step)
 
   def schedule(step):
     # float32 whatever jax_enable_x64 says, as optax's counters are int32; exact to 2**24 steps.
@@ -176,7 +176,7 @@ def state_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
 
 def uses_torch_arithmetic(config: ml_collections.ConfigDict) -> bool:
   """Whether clipping and Adam follow torch's op-by-op arithmetic (baseline_faithful implies it)."""
-  return config_lib.effective(config, 'optim.arithmetic') == 'torch'
+  return config.optim.arithmetic == 'torch'
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -84,7 +84,7 @@ def _chunk_splits(axes: list, mesh_shape: Mapping[str, int], group: int, rows: i
 
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """A batch the data axes cannot split is rejected before compiling, with the numbers."""
-  if config_lib.effective(config, 'optim.grad_accumulation') == 'torch':
+  if config.optim.grad_accumulation == 'torch':
     chunk_layout(config, mesh.shape)
     return
   shards = mesh.shape['data'] * mesh.shape['fsdp']
@@ -120,7 +120,7 @@ def eval_rows(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int
 def setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
   """Validates the config, builds the mesh and the abstract, sharded train state."""
   config_lib.validate(config)
-  mcfg = model_lib.ModelConfig.from_config(config_lib.model_section(config))
+  mcfg = model_lib.ModelConfig.from_config(config.model)
   if config.get('debug') and config.debug.get('interleave_hosts'):
     devices = sharding.interleave_hosts(devices)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -175,7 +175,7 @@ def _loss_fn(s: Setup, weighted: bool, eval_chunks: bool = False) -> Callable:
   eval_chunks: one mean and count per data.eval_batch_size rows ([chunks] each, if several)."""
   packed = s.config.data.layout == 'packed'
   pad_id = s.config.data.pad_id
-  loss_dtype = config_lib.effective(s.config, 'model.loss_dtype')
+  loss_dtype = s.config.model.loss_dtype
 
   def loss_fn(params, batch):
     model = nnx.merge(s.graphdef, params, s.rest)
@@ -237,7 +237,7 @@ def make_train_step(s: Setup) -> Callable:
   packed = c.data.layout == 'packed'
   skip_bad = c.nan_policy == 'skip'
   inject, inject_count = c.debug.inject_nan_step, c.debug.get('inject_nan_count', 1)
-  release_grads = config_lib.effective(c, 'optim.grad_accumulation') == 'torch'
+  release_grads = c.optim.grad_accumulation == 'torch'
 
   def step_fn(state, batch):
     params = state['params']
@@ -297,7 +297,7 @@ def _batch_shardings(s: Setup) -> dict[str, jax.sharding.NamedSharding]:
 
 def _jit_in_mesh(s: Setup, fn: Callable, in_shardings, out_shardings, **kwargs) -> Callable:
   """jax.jit with explicit shardings, called under the mesh and the logical rules."""
-  if not config_lib.effective(s.config, 'model.excess_precision'):
+  if not s.config.model.excess_precision:
     kwargs['compiler_options'] = {'xla_allow_excess_precision': False}
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, **kwargs)
 

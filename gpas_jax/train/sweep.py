@@ -193,7 +193,8 @@ def validate_runs(runs: Sequence[SweepRun]) -> list[ml_collections.ConfigDict]:
       config_lib.validate(config)
     except config_lib.ConfigError as e:
       hint = _warmup_hint(run, config) if 'warmup_steps' in str(e) else ''
-      raise cli.UserError(f'{run.workdir}: {e}{hint}') from None
+      what = str(e).split(': set --config.')[0] + '.' if hint else str(e)  # the sweep's own fix
+      raise cli.UserError(f'{run.workdir}: {what}{hint}') from None
     configs.append(config)
   return configs
 
@@ -362,10 +363,22 @@ def main(argv: Sequence[str]) -> None:
     return
   failed = run_sweep(runs, f.python or sys.executable, train_script, f.skip_finished,
                      f.parallel)
+  console.say(f'sweep done: {len(runs) - len(failed)} of {len(runs)} runs finished'
+              + (f', {len(failed)} failed (each run\'s log: WORKDIR.log)' if failed else '')
+              + '. The results table: python -m gpas_jax.analysis.table --root '
+              + shlex.quote(cli.resolve_path(f.root)) + ' --sweep '
+              + ' '.join(shlex.quote(a) for a in _table_args()))
   if failed:
     logging.error('%d of %d runs failed: %s', len(failed), len(runs),
                   ', '.join(r.workdir for r in failed))
     sys.exit(1)
+
+
+def _table_args() -> list[str]:
+  """The sweep file and its overrides as this command got them, for the table's command."""
+  return ([config_flags.get_config_filename(flags.FLAGS['sweep'])]
+          + [a for a in sys.argv[1:] if a.startswith('--sweep.')]
+          + [f'{_OVERRIDE_PREFIX}{k}={v}' for k, v in _EXTRA])
 
 
 if __name__ == '__main__':

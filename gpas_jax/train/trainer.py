@@ -224,8 +224,8 @@ def _start(config: ml_collections.ConfigDict, workdir: str, devices: list | None
     rows['lr schedule'] = change
   console.say(console.run_header(config, s.mesh, s.abstract_state['params'], workdir,
                                  resumed_from, total, rows))
-  if change:
-    logging.warning('lr schedule %s.', change)
+  if change:  # the header's row says it; the log keeps it for --verbosity=0
+    logging.info('lr schedule %s.', change)
   run = _Run(config, workdir, s, total, train_iter, eval_batches, manager, state, start, t_start)
   run.peak = peak
   run.saver = ckpt.Saver(manager)
@@ -313,8 +313,8 @@ def _checkpoint_or_stop(run: _Run, preemption: faults.StopSignals, window: conso
         os.kill(os.getpid(), getattr(signal, hook.upper()))
   if stop:
     run.saver.wait()
-    logging.warning('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
-                    'resume.', preemption.requested, done)
+    logging.info('Stopped by %s: checkpoint saved at step %d; rerun the same command to '
+                 'resume.', preemption.requested, done)  # train.py prints it once
   return stop
 
 
