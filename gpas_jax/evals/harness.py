@@ -5,7 +5,8 @@
 
 Writes the harness's results JSON (its own format: PATH if it ends in .json, else
 PATH/results.json; with --log_samples, samples_<task>.jsonl beside it) and prints its table
-(acc, acc_norm and their stderr; perplexities). Tasks are lm-eval's by name (their datasets from
+(acc, acc_norm and their stderr; perplexities); the scores also go into WORKDIR/downstream.json,
+which the results table and the study show beside perplexity. Tasks are lm-eval's by name (their datasets from
 the Hugging Face cache: HF_DATASETS_OFFLINE=1 reads it without a network) or YAML files under
 --include_path (gpas_jax.evals.tasks writes small ones).
 """
@@ -23,6 +24,7 @@ from gpas_jax.evals import jax_lm
 from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
+DOWNSTREAM_FILE = 'downstream.json'  # analysis.runs.RunDir.downstream reads it
 
 def lm_from_run(workdir: str, step: int | None = None, batch_size: int = 16
                 ) -> tuple[ml_collections.ConfigDict, jax_lm.JaxLM]:
@@ -93,6 +95,15 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+def record(workdir: str, results: dict[str, Any], step: int | None) -> str:
+  """Writes the scores into WORKDIR/downstream.json, where the results table and the study
+  read them (analysis.runs.RunDir.downstream); returns its path."""
+  path = storage.join(workdir, DOWNSTREAM_FILE)
+  storage.write_json(path, {'step': step, 'n-shot': results.get('n-shot', {}),
+                            'scores': scores(results)})
+  return path
+
+
 def define_flags() -> None:
   """Defines this tool's flags (only when run as a program), named as lm-eval's CLI names them."""
   flags.DEFINE_string('workdir', None, 'The run directory (local or gs://).', required=True)
@@ -105,6 +116,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Checkpoint step; default the newest intact one.')
   flags.DEFINE_integer('limit', None, 'Score only the first N documents of each task.')
   flags.DEFINE_integer('batch_size', 16, 'Rows of each batch the model scores.')
+  flags.DEFINE_bool('record', True, 'Also write the scores into WORKDIR/downstream.json (the '
+                    'results table and the study show them).')
   flags.DEFINE_integer('bootstrap_iters', 100_000, 'Bootstrap resamples for the stderr of '
                        'metrics without a closed form.')
 
@@ -125,7 +138,10 @@ def main(argv: Sequence[str]) -> None:
   results = evaluate(lm, f.tasks, include, f.num_fewshot, f.limit, f.log_samples,
                      f.bootstrap_iters)
   print(table(results))
-  for path in write_results(results, cli.resolve_path(f.output_path)):
+  written = write_results(results, cli.resolve_path(f.output_path))
+  if f.record:
+    written.append(record(workdir, results, f.step))
+  for path in written:
     print(f'wrote {path}')
 
 
