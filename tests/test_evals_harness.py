@@ -35,8 +35,9 @@ def task_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, task_dir):
   """norm_type -> a trained run directory (trained on first use)."""
+  task_dir_of = [task_dir]
   from gpas_jax.train import trainer  # pylint: disable=import-outside-toplevel
   root, made = tmp_path_factory.mktemp('runs'), {}
 
@@ -44,7 +45,10 @@ def runs(tmp_path_factory):
     if norm_type not in made:
       c = tiny_train_config(**{'model.norm_type': norm_type, 'num_train_steps': 3})
       made[norm_type] = str(root / norm_type)
-      trainer.train(c, made[norm_type], jax.devices()[:1])
+      # The pre_gpas run also scores the MC task in training (as the CLI test does, after it).
+      hooks = [harness.training_hook([tasks.MC_TASK], 3, task_dir_of[0], 0, limit=8)] if (
+          norm_type == 'pre_gpas') else []
+      trainer.train(c, made[norm_type], jax.devices()[:1], eval_hooks=hooks)
     return made[norm_type]
 
   return get
@@ -104,3 +108,14 @@ def test_the_command_line_writes_the_results_json_and_the_samples(tmp_path, runs
   assert 0 <= row['acc,none'] <= 1 and results['n-shot'][tasks.MC_TASK] == 0
   samples = (tmp_path / 'res' / f'samples_{tasks.MC_TASK}.jsonl').read_text().splitlines()
   assert len(samples) == 8 and len(json.loads(samples[0])['resps']) == 4
+  # The scores go into the run, where the table and the study read them.
+  from gpas_jax.analysis import runs as runs_lib  # pylint: disable=import-outside-toplevel
+  recorded = runs_lib.load_run(run).downstream()
+  assert recorded['gpas_mc/acc'] == row['acc,none']
+  # The same task scored inside training on the same (final) parameters gave the same numbers.
+  from gpas_jax import storage  # pylint: disable=import-outside-toplevel
+  logged = [r for r in storage.read_jsonl(os.path.join(run, 'metrics.jsonl'))
+            if 'harness/gpas_mc/acc' in r]
+  assert [r['step'] for r in logged] == [3]
+  assert logged[0]['harness/gpas_mc/acc'] == row['acc,none']
+  assert logged[0]['harness/gpas_mc/acc_norm'] == row['acc_norm,none']

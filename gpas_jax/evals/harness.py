@@ -13,7 +13,7 @@ the Hugging Face cache: HF_DATASETS_OFFLINE=1 reads it without a network) or YAM
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -35,6 +35,28 @@ def lm_from_run(workdir: str, step: int | None = None, batch_size: int = 16
   sp = tok_lib.get_tokenizer(config)
   tok_lib.check_tokenizer(sp, config, f'the tokenizer of {workdir}')
   return config, jax_lm.JaxLM(model, sp, config.data.max_length, batch_size, config.data.pad_id)
+
+
+def training_hook(tasks: Sequence[str], every_steps: int, include_path: str | None = None,
+                  num_fewshot: int | None = None, limit: int | None = None,
+                  batch_size: int = 16) -> Callable[..., dict[str, float]]:
+  """A trainer.train eval hook: the tasks every `every_steps` steps and at the end, scored on the
+  live state where it lies on the mesh; logged as harness/<task>/<metric>."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gpas_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  tokenizers = {}
+
+  def hook(s: Any, params: Any, step: int, is_last: bool) -> dict[str, float]:
+    if step % every_steps and not is_last:
+      return {}
+    if 'sp' not in tokenizers:
+      tokenizers['sp'] = tok_lib.get_tokenizer(s.config)
+    lm = jax_lm.JaxLM(nnx.merge(s.graphdef, params, s.rest), tokenizers['sp'],
+                      s.config.data.max_length, batch_size, s.config.data.pad_id, s.mesh, s.rules)
+    results = evaluate(lm, tasks, include_path, num_fewshot, limit, bootstrap_iters=0)
+    return {f'harness/{k}': v for k, v in scores(results).items() if not k.endswith('_stderr')}
+
+  return hook
 
 
 def evaluate(lm: Any, tasks: Sequence[str], include_path: str | None = None,
