@@ -110,3 +110,17 @@ def test_merges_follow_the_piece_scores(sp):
   vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
   ranks = [sp.get_score(vocab[m.replace(' ', '')]) for m in merges]
   assert ranks == sorted(ranks, reverse=True) and len(merges) > 100
+
+
+def test_greedy_generation_through_transformers_is_ours(tmp_path, sp):
+  import transformers  # pylint: disable=import-outside-toplevel
+  model = _export(BASE, sp, tmp_path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True)
+  ids = [5, 6, 7, 9]
+  for _ in range(5):
+    ids.append(int(np.argmax(np.asarray(model(jnp.asarray([ids], jnp.int32)))[0, -1])))
+  out = hf.generate(torch.tensor([ids[:4]]), max_new_tokens=5, do_sample=False,
+                    eos_token_id=None, pad_token_id=sp.pad_id())
+  assert out[0].tolist() == ids
+  with pytest.raises(ValueError, match='left-padded'):
+    hf(torch.tensor([[0, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1]]))

@@ -68,8 +68,12 @@ class GpasLlamaForCausalLM(PreTrainedModel):
 
   def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutputWithPast:
-    """Plain causal attention, as the baseline: right padding cannot reach earlier positions."""
-    del attention_mask, kwargs
+    """Plain causal attention, as the baseline: right padding cannot reach earlier positions;
+    left padding (a mask that starts with 0) would, and is refused."""
+    del kwargs
+    if attention_mask is not None and not bool(attention_mask[:, 0].all()):
+      raise ValueError('a left-padded batch: this model attends plainly causally (as the '
+                       'baseline), so pad on the right or pass one sequence at a time.')
     logits = self.lm_head(self.model(input_ids))
     loss = None
     if labels is not None:
