@@ -124,3 +124,17 @@ def test_greedy_generation_through_transformers_is_ours(tmp_path, sp):
   assert out[0].tolist() == ids
   with pytest.raises(ValueError, match='left-padded'):
     hf(torch.tensor([[0, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+def test_a_unigram_tokenizer_exports_for_the_slow_tokenizer(tmp_path, sp):
+  import transformers  # pylint: disable=import-outside-toplevel
+  from gpas_jax.data import sources, tokenizer  # pylint: disable=import-outside-toplevel
+  texts = [t[:300] for t in tokenizer.split_texts(sources.open_split(tiny_train_config(),
+                                                                     'validation'))][:60]
+  uni = tokenizer.train_tokenizer(texts, 400, tmp_path / 'uni.model')
+  assert not hf_export.is_bpe(uni) and hf_export.is_bpe(sp)
+  _export(BASE, uni, tmp_path / 'hf')
+  assert not (tmp_path / 'hf' / 'tokenizer.json').exists()
+  slow = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'), use_fast=False)
+  for t in texts[:5] + ['a  b\n c']:
+    assert slow(t)['input_ids'] == uni.encode(t)

@@ -5,7 +5,8 @@ Beside config.json + model.safetensors (the baseline's names, which the authors'
   tokenizer.model                  the run's SentencePiece model
   tokenizer.json                   the same model for `tokenizers` (the fast tokenizer): written
                                    here, because transformers 4.31's conversion renames ids 0-2
-                                   to LLaMA's <unk> <s> </s> (ours are T5's <pad> </s> <unk>)
+                                   to LLaMA's <unk> <s> </s> (ours are T5's <pad> </s> <unk>);
+                                   BPE models only (a unigram one loads with use_fast=False)
   tokenizer_config.json            LlamaTokenizer over it: no BOS (none was trained), no EOS added
   special_tokens_map.json
 config.json gains `auto_map`, `max_position_embeddings` (the run's data.max_length, where lm-eval
@@ -16,6 +17,8 @@ the class that can, so stock transformers refuses it instead of dropping the gat
 import json
 import pathlib
 from typing import Any
+
+from absl import logging
 
 from gpas_jax import storage
 from gpas_jax.model import interop
@@ -52,13 +55,15 @@ def _merges(sp: Any) -> list[str]:
   return [f'{l} {r}' for _, l, r in found]
 
 
-def tokenizer_json(sp: Any) -> dict[str, Any]:
-  """The SentencePiece BPE model as a `tokenizers` BPE with byte fallback (LLaMA's layout)."""
+def is_bpe(sp: Any) -> bool:
+  """Whether a SentencePiece model is BPE (the default tokenizer; T5's spiece.model is unigram)."""
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
   proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
-  if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-    raise ValueError('the run\'s tokenizer is not a SentencePiece BPE model; LlamaTokenizer (the '
-                     'class an export names) holds BPE models only.')
+  return proto.trainer_spec.model_type == proto.trainer_spec.BPE
+
+
+def tokenizer_json(sp: Any) -> dict[str, Any]:
+  """The SentencePiece BPE model as a `tokenizers` BPE with byte fallback (LLaMA's layout)."""
   n = sp.get_piece_size()
   special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
   added = [{'id': i, 'content': sp.id_to_piece(i), 'single_word': False, 'lstrip': False,
@@ -108,8 +113,13 @@ def add_code_and_tokenizer(out_dir: str, cfg: model_lib.ModelConfig, sp: Any,
   path = storage.join(out_dir, 'config.json')
   storage.write_json(path, hf_config(storage.read_json(path), cfg, max_length))
   storage.write_bytes(storage.join(out_dir, 'tokenizer.model'), sp.serialized_model_proto())
-  storage.write_text(storage.join(out_dir, 'tokenizer.json'),
-                     json.dumps(tokenizer_json(sp), ensure_ascii=False))
+  if is_bpe(sp):
+    storage.write_text(storage.join(out_dir, 'tokenizer.json'),
+                       json.dumps(tokenizer_json(sp), ensure_ascii=False))
+  else:  # transformers 4.31 converts BPE models only: the slow tokenizer reads tokenizer.model
+    logging.warning('The run\'s tokenizer is not BPE: the export has no tokenizer.json; load it '
+                    'with AutoTokenizer.from_pretrained(dir, use_fast=False) (lm-eval: '
+                    'use_fast_tokenizer=False).')
   config, special = tokenizer_config(sp, max_length)
   storage.write_json(storage.join(out_dir, 'tokenizer_config.json'), config)
   storage.write_json(storage.join(out_dir, 'special_tokens_map.json'), special)
