@@ -119,3 +119,44 @@ def test_the_command_line_writes_the_results_json_and_the_samples(tmp_path, runs
   assert [r['step'] for r in logged] == [3]
   assert logged[0]['harness/gpas_mc/acc'] == row['acc,none']
   assert logged[0]['harness/gpas_mc/acc_norm'] == row['acc_norm,none']
+
+
+def test_a_run_tasks_and_results_in_a_bucket(tmp_path, runs, monkeypatch):
+  """Checkpoint, task data and results all gs:// (the local GCS server). datasets counts any URL
+  as online, so HF_HUB_OFFLINE is unset here; HF_ENDPOINT points at nothing, so no Hub call."""
+  from gpas_jax import storage  # pylint: disable=import-outside-toplevel
+  from tests import gcs  # pylint: disable=import-outside-toplevel
+  run = runs('pre_gpas')
+  for name in gcs._VARS + ('GOOGLE_AUTH_TOKEN_FOR_TESTING',  # pylint: disable=protected-access
+                           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'):
+    monkeypatch.setenv(name, '')  # restored as they were after the test
+    monkeypatch.delenv(name)
+  server = gcs.Server().start()
+  try:
+    server.create_bucket('evals')
+    gcs.point_this_process_at(server)
+    gcs.upload_tree(run, 'gs://evals/run')
+    from gpas_jax.data import sources, tokenizer  # pylint: disable=import-outside-toplevel
+    texts = list(tokenizer.split_texts(sources.open_split(tiny_train_config(), 'validation')))
+    tasks.write_tasks('gs://evals/tasks', texts, n_mc=4, n_ppl=2)
+    yaml_dir = tmp_path / 'yaml'
+    yaml_dir.mkdir()
+    for t in TASKS:  # lm-eval reads task YAML locally; the data files stay in the bucket
+      (yaml_dir / f'{t}.yaml').write_text(storage.read_text(f'gs://evals/tasks/{t}.yaml'))
+    assert 'test: gs://evals/tasks/gpas_mc.jsonl' in (yaml_dir / 'gpas_mc.yaml').read_text()
+    env = gcs.child_env(server, HF_ENDPOINT='http://127.0.0.1:9')
+    for name in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'):
+      env.pop(name, None)
+    proc = subprocess.run([sys.executable, '-m', 'gpas_jax.evals.harness',
+                           '--workdir=gs://evals/run', f'--tasks={",".join(TASKS)}',
+                           f'--include_path={yaml_dir}', '--output_path=gs://evals/res',
+                           '--bootstrap_iters=0'], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(storage.read_text('gs://evals/res/results.json'))['results']
+    assert results[tasks.MC_TASK]['sample_len'] == 4 and results[tasks.PPL_TASK]['sample_len'] == 2
+    assert storage.read_json('gs://evals/run/downstream.json')['scores']['gpas_mc/acc'] == (
+        results[tasks.MC_TASK]['acc,none'])
+  finally:
+    server.stop()
+    storage._CLIENT = None  # pylint: disable=protected-access  (the next test builds its own)

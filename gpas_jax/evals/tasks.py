@@ -7,7 +7,9 @@ data file and a YAML config that lm-eval reads with `dataset_path: json` (nothin
   gpas_ppl  rolling perplexity in wikitext's schema (page; word_perplexity, byte_perplexity,
             bits_per_byte), long pages spanning several context windows
 The YAML names its data file by absolute path (lm-eval resolves `data_files` against the working
-directory, not the YAML), so a task directory is written where it will be read.
+directory, not the YAML), so a task directory is written where it will be read; lm-eval reads the
+YAML from a local folder (--include_path), the data files may stay in a bucket (`datasets` counts
+gs:// as online: HF_HUB_OFFLINE must be unset for them).
 """
 
 import json
@@ -53,8 +55,14 @@ doc_to_text: ""
 doc_to_target: "{{{{page}}}}"
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
 """
