@@ -14,6 +14,8 @@ one above), so a reader can start at the bottom and meet nothing unexplained. Bo
   data/       TFDS / embedded / token-row sources, tokenizers, grain pipelines (a peer of model)
   train/      the trainer, steps, optimizer, checkpoints, faults, metrics, init_from, sweeps
   analysis/   run directories, figures, results tables, the seeded study
+  evals/      downstream tasks through lm-evaluation-harness: the JAX backend, task files, the
+              harness CLI (a peer of analysis)
   baseline/   the PyTorch side as tools: the port of the release, its training loop, hf_tools,
               the side-by-side comparison
   perf/       the bench and its parts, AOT plans
@@ -36,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ('config', 'testing'),
     ('model', 'data'),
     ('train',),
-    ('analysis',),
+    ('analysis', 'evals'),
     ('baseline',),
     ('perf',),
 )

@@ -18,6 +18,10 @@ from tests.helpers import DATA_CACHE
 # The bench and trainer tests measure a CPU peak under load: keep it out of the user's cache.
 os.environ.setdefault('GPAS_CPU_PEAK_CACHE', os.path.join(DATA_CACHE, 'cpu_peak.json'))
 
+# Nothing downloads in tests: lm-eval's datasets and transformers read local files only.
+os.environ['HF_DATASETS_OFFLINE'] = '1'
+os.environ['HF_HUB_OFFLINE'] = '1'
+
 # Before any backend starts: sharding tests use meshes of these 8 CPU devices.
 jax.config.update('jax_num_cpu_devices', 8)
 

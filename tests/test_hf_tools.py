@@ -15,6 +15,7 @@ from gpas_jax.baseline import torch_model
 from gpas_jax.model import interop
 from gpas_jax.model import transformer as model_lib
 from tests.helpers import perturbed_state_dict
+from tests.helpers import tiny_train_config
 
 torch.set_num_threads(1)
 CFG = model_lib.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
@@ -58,11 +59,16 @@ def test_export_run_and_evaluate_hf_directory(tmp_path, monkeypatch):
       'size_name': 'tiny', 'seed': 3,
       'model': {'vocab_size': 4096, 'hidden_size': 128, 'intermediate_size': 352,
                 'num_layers': 4, 'num_heads': 4, 'norm_type': 'pre', 'post_num': 1},
-      'data': {'pad_id': 0, 'layout': 'padded'}})
+      'data': {'pad_id': 0, 'layout': 'padded', 'max_length': 24}})
+  from gpas_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (config, model))
+  sp = tokenizer.get_tokenizer(tiny_train_config())  # the run's tokenizer goes with the export
+  monkeypatch.setattr(tokenizer, 'get_tokenizer', lambda c: sp if c is config else None)
   out = hf_tools.export_run(str(tmp_path / 'run'), str(tmp_path / 'hf'), step=5)
-  assert sorted(os.listdir(out)) == ['config.json', 'gpas_jax_export.json', 'model.safetensors']
+  assert sorted(os.listdir(out)) == sorted(hf_tools.EXPORT_FILES)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['max_position_embeddings'] == 24
   with open(os.path.join(out, 'gpas_jax_export.json')) as f:
     assert json.load(f)['step'] == 5
 

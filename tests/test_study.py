@@ -146,3 +146,27 @@ def test_deep_study_configs():
     config_lib.validate(c)
   with pytest.raises(ValueError, match='deep_cpu.py:float16: the precision must be one of'):
     sweep.load_config_file('configs/deep_cpu.py:float16')
+
+
+def test_downstream_scores_get_paired_deltas_and_table_columns(tmp_path):
+  from gpas_jax.analysis import table  # pylint: disable=import-outside-toplevel
+  root = str(tmp_path)
+  accs = {('pre', 0): 0.25, ('pre', 1): 0.30, ('pre_gpas', 0): 0.35, ('pre_gpas', 1): 0.32}
+  for (norm_type, seed), acc in accs.items():
+    _run(root, 'tiny', norm_type, seed, 10.0 + seed)
+    storage.write_json(os.path.join(root, 'tiny', norm_type, f'seed{seed}', 'downstream.json'),
+                       {'step': None, 'scores': {'gpas_mc/acc': acc, 'gpas_mc/acc_stderr': 0.1,
+                                                 'gpas_ppl/word_perplexity': 100.0 - seed}})
+  _run(root, 'tiny', 'pre', 2, 12.0)  # no harness run: no downstream values, still in the table
+  runs = list(runs_lib.find_runs(root))
+  md = study.downstream_deltas_markdown(runs)
+  # acc: higher is better; the paired deltas are +0.10 and +0.02.
+  assert 'GPAS minus base gpas_mc/acc, paired by seed (positive: GPAS better)' in md
+  assert '| tiny | pre vs pre+GPAS | 0,1 | +0.100, +0.020 | +0.060 |' in md
+  assert 'gpas_ppl/word_perplexity, paired by seed (negative: GPAS better)' in md
+  assert 'stderr' not in md
+  t = table.build_table(runs)
+  assert t.downstream[('tiny', 'pre')]['gpas_mc/acc'] == [0.25, 0.30]
+  text = table.to_markdown(t)
+  assert '| size | architecture | gpas_mc/acc | gpas_ppl/word_perplexity |' in text
+  assert '| tiny | pre+GPAS | 0.335 ± 0.021 (2) | 99.5 ± 0.71 (2) |' in text

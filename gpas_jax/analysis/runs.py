@@ -70,6 +70,12 @@ class RunDir:
     """Where `python -m gpas_jax.analysis` (and the study) keep the run's layer importance."""
     return os.path.join(self.path, 'analysis', 'importance.json')
 
+  def downstream(self) -> dict[str, float]:
+    """'task/metric' -> value of the run's last harness evaluation (gpas_jax.evals.harness
+    writes downstream.json), or {} if it has none."""
+    record = storage.read_json(os.path.join(self.path, 'downstream.json'))
+    return {k: float(v) for k, v in (record or {}).get('scores', {}).items()}
+
   def last_step(self) -> int | None:
     """The highest step logged in metrics.jsonl, or None before the first log."""
     steps = [int(r['step']) for r in self.metrics() if 'step' in r]

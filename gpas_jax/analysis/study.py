@@ -5,6 +5,8 @@ For a sweep of base and +GPAS runs over several seeds (configs/sweeps/deep_cpu_s
 - deltas.md / deltas.csv: each GPAS delta (GPAS minus base perplexity) paired by seed (same
   seed: the same data order and the same initial weights of every shared parameter), with its
   95% t interval and the paired t-test's two-sided p-value, plus Welch's unpaired p-value;
+- downstream_deltas.md: the same paired deltas of each downstream score that
+  gpas_jax.evals.harness recorded in the runs (downstream.json), when there are any;
 - dynamics.md: per size and norm type, the last layer's variance at its peak and at the end,
   the variance spread over depth, first/last layer gradient norms and the final gates;
 - per size: the compare figures (loss, per-layer variance and gradient norms, heatmaps on one
@@ -20,7 +22,7 @@ import io
 import math
 import os
 import statistics
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -82,11 +84,14 @@ class Delta:
                                     equal_var=False).pvalue)
 
 
-def paired_deltas(runs: Sequence[runs_lib.RunDir]) -> list[Delta]:
-  """One Delta per (size, base) that has finished base and GPAS runs of at least one shared seed."""
+def paired_deltas(runs: Sequence[runs_lib.RunDir],
+                  value_of: Callable[[runs_lib.RunDir], float | None] = runs_lib.RunDir.final_eval_ppl
+                  ) -> list[Delta]:
+  """One Delta per (size, base) that has finished base and GPAS runs of at least one shared seed;
+  of the final eval perplexity, or of value_of(run) (a downstream score)."""
   ppl: dict[tuple[str, str, int], float] = {}
   for run in runs:
-    value = run.final_eval_ppl()
+    value = value_of(run)
     if value is not None and math.isfinite(value):
       ppl[(run.size_name, run.norm_type, run.seed)] = value
   out = []
@@ -109,9 +114,10 @@ def _fmt(x: float | None, spec: str = '+.2f') -> str:
   return '—' if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def deltas_markdown(deltas: Sequence[Delta]) -> str:
+def deltas_markdown(deltas: Sequence[Delta], what: str = 'final eval perplexity',
+                    better: str = 'negative', spec: str = '+.2f') -> str:
   """The deltas as a Markdown table."""
-  lines = ['GPAS minus base final eval perplexity, paired by seed (negative: GPAS better). '
+  lines = [f'GPAS minus base {what}, paired by seed ({better}: GPAS better). '
            '95% CI: t interval of the mean paired difference; p: two-sided paired t-test '
            "(Welch's unpaired test beside it).", '',
            '| size | architecture | seeds | per-seed deltas | mean delta | 95% CI | p (paired) | '
@@ -120,10 +126,21 @@ def deltas_markdown(deltas: Sequence[Delta]) -> str:
     ci = d.interval()
     lines.append(
         f'| {d.size} | {d.base} vs {d.base}+GPAS | {",".join(map(str, d.seeds))} | '
-        f'{", ".join(_fmt(x) for x in d.diffs)} | {_fmt(d.mean)} | '
-        f'{"—" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"} | '
+        f'{", ".join(_fmt(x, spec) for x in d.diffs)} | {_fmt(d.mean, spec)} | '
+        f'{"—" if ci is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"} | '
         f'{_fmt(d.p_paired, ".3f")} | {_fmt(d.p_welch, ".3f")} |')
   return '\n'.join(lines) + '\n'
+
+
+def downstream_deltas_markdown(runs: Sequence[runs_lib.RunDir]) -> str:
+  """Paired GPAS deltas of every downstream score the harness recorded ('' if none)."""
+  metrics = sorted({m for r in runs for m in r.downstream() if not m.endswith('_stderr')})
+  parts = []
+  for m in metrics:
+    lower = any(w in m for w in ('perplexity', 'bits_per_byte'))
+    deltas = paired_deltas(runs, lambda r, m=m: r.downstream().get(m))
+    parts.append(deltas_markdown(deltas, m, 'negative' if lower else 'positive', '+.3f'))
+  return '\n'.join(parts)
 
 
 def deltas_csv(deltas: Sequence[Delta]) -> str:
@@ -253,6 +270,10 @@ def write_study(root: str, out_dir: str, importance_batches: int = 8,
   runs = [r for r in runs if r.path not in table.left_out]
   deltas = paired_deltas(runs)
   written = [md, csv_path]
+  downstream = downstream_deltas_markdown(runs)
+  if downstream:
+    storage.write_text(storage.join(out_dir, 'downstream_deltas.md'), downstream)
+    written.append(storage.join(out_dir, 'downstream_deltas.md'))
   for name, text in (('deltas.md', deltas_markdown(deltas)), ('deltas.csv', deltas_csv(deltas)),
                      ('dynamics.md', dynamics_markdown(dynamics_rows(runs)))):
     storage.write_text(storage.join(out_dir, name), text)

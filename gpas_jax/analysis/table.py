@@ -4,8 +4,9 @@ Rows are sizes (smallest first); for each architecture base the columns are "X",
 "delta" (GPAS mean minus base mean: negative is better), each cell the final eval perplexity as
 "mean ± std (n)" over seeds (sample std; "mean (1)" for a single seed). Diverged runs (non-finite
 perplexity) are left out of the mean and counted in the cell. Then the missing runs (with
-`--sweep`: its norm_type x size x seed product) and the unfinished ones. Writes table.md and
-table.csv (the same layout, numbers in separate _mean/_std/_n columns) into --out.
+`--sweep`: its norm_type x size x seed product) and the unfinished ones. Runs evaluated by
+gpas_jax.evals.harness add a downstream table (each task metric, mean ± std over seeds). Writes
+table.md and table.csv (the same layout, numbers in separate _mean/_std/_n columns) into --out.
 """
 
 import collections
@@ -107,6 +108,9 @@ class Table:
   duplicates: list[str]
   mismatched: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
   reference: str = ''  # what the recipes were checked against
+  # (size, norm_type) -> 'task/metric' -> values over seeds (runs.RunDir.downstream)
+  downstream: dict[tuple[str, str], dict[str, list[float]]] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def left_out(self) -> set[str]:
@@ -174,10 +178,14 @@ def build_table(runs: Iterable[runs_lib.RunDir],
       chosen[key] = run
   cells: dict[tuple[str, str], Cell] = {}
   unfinished = []
+  downstream: dict[tuple[str, str], dict[str, list[float]]] = {}
   for (size, norm_type, seed), run in sorted(chosen.items()):
     if not run.finished:
       unfinished.append((size, norm_type, seed, run.last_step(), run.path))
       continue
+    for metric, value in run.downstream().items():
+      if not metric.endswith('_stderr'):
+        downstream.setdefault((size, norm_type), {}).setdefault(metric, []).append(value)
     cell = cells.setdefault((size, norm_type), Cell())
     ppl = run.final_eval_ppl()
     if ppl is None or not math.isfinite(ppl):
@@ -192,7 +200,31 @@ def build_table(runs: Iterable[runs_lib.RunDir],
   missing = sorted(expected - seen, key=lambda k: (size_key(k[0]), k[1], k[2]))
   reference = ('the sweep' if recipes is not None else
                'the recipe most runs of the size share')
-  return Table(sizes, bases, cells, missing, unfinished, duplicates, mismatched, reference)
+  return Table(sizes, bases, cells, missing, unfinished, duplicates, mismatched, reference,
+               downstream)
+
+
+def downstream_markdown(table: Table) -> list[str]:
+  """The downstream scores (mean ± std (n seeds)) per size and norm type; [] if none."""
+  metrics = sorted({m for scores in table.downstream.values() for m in scores})
+  if not metrics:
+    return []
+  lines = ['', 'Downstream tasks (gpas_jax.evals.harness, each run\'s last evaluation): '
+           'mean ± std (n seeds).', '', '| size | architecture | ' + ' | '.join(metrics) + ' |',
+           '|' + '---|' * (len(metrics) + 2)]
+  for size, norm_type in sorted(table.downstream, key=lambda k: (size_key(k[0]), k[1])):
+    scores = table.downstream[(size, norm_type)]
+    lines.append(f'| {size} | {_header(norm_type)} | ' + ' | '.join(
+        _spread(scores.get(m, [])) for m in metrics) + ' |')
+  return lines
+
+
+def _spread(values: list[float]) -> str:
+  if not values:
+    return '—'
+  if len(values) == 1:
+    return f'{values[0]:.4g} (1)'
+  return f'{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g} ({len(values)})'
 
 
 def _columns(base: str) -> list[str]:
@@ -218,6 +250,7 @@ def to_markdown(table: Table) -> str:
         d = table.delta(size, b)
         row.append('—' if d is None else f'{d:+.2f}')
     lines.append('| ' + ' | '.join(row) + ' |')
+  lines += downstream_markdown(table)
   lines += ['', f'Missing runs ({len(table.missing)}):']
   lines += [f'- {s} / {n} / seed {k}' for s, n, k in table.missing] or ['- none']
   lines += ['', f'Unfinished runs ({len(table.unfinished)}):']

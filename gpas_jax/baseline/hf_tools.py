@@ -4,7 +4,10 @@
     python -m gpas_jax.baseline.hf_tools eval --hf_dir HF_DIR --norm_type pre_gpas [--config configs/tiny.py]
 
 `export` writes config.json + model.safetensors with the baseline's parameter names, which the
-baseline's LlamaForCausalLM loads with strict=True. `eval` runs a baseline checkpoint through our
+baseline's LlamaForCausalLM loads with strict=True, and (hf_export) the modeling code of the
+architecture and the run's tokenizer: `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(dir)` load it, lm-eval's `hf` backend
+scores it. `eval` runs a baseline checkpoint through our
 eval pipeline (data.make_eval_batches) and reports the loss as the trainer does (the mean of
 per-batch token means; perplexity = exp) - the baseline's own script divides by batches + 1.
 """
@@ -19,6 +22,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from gpas_jax.baseline import hf_export
 from gpas_jax.model import interop
 from gpas_jax.model import transformer as model_lib
 from gpas_jax import storage
@@ -38,7 +42,8 @@ def evaluate_model(model: model_lib.Transformer, batches: Iterable[Any],
   return loss, math.exp(loss) if loss < 700 else math.inf
 
 
-EXPORT_FILES = ('config.json', 'model.safetensors', 'gpas_jax_export.json')
+EXPORT_FILES = ('config.json', 'model.safetensors', 'gpas_jax_export.json', *hf_export.CODE_FILES,
+                *hf_export.TOKENIZER_FILES)
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None,
@@ -61,8 +66,11 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
   if step is None:
     saved = runs.checkpoint_steps(workdir)
     step = saved[-1] if saved else None
+  from gpas_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   config, model = loading.load_model(workdir, step=step)
   interop.save_hf_directory(model, out_dir)
+  hf_export.add_code_and_tokenizer(out_dir, model.config, tok_lib.get_tokenizer(config),
+                                   config.data.max_length)
   # Provenance next to the weights; HF loaders ignore unknown files.
   storage.write_json(storage.join(out_dir, 'gpas_jax_export.json'), {
       'workdir': storage.absolute(workdir), 'step': step, 'size_name': config.get('size_name'),

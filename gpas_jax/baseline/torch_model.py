@@ -324,12 +324,15 @@ def drop_rope_buffers(model: RefModel, sd: dict) -> dict:
 
   This port builds its RoPE tables from the config; a buffer of another theta is an error.
   """
-  from gpas_jax.model import interop  # pylint: disable=import-outside-toplevel
+  try:  # an export's copy of this file (transformers' remote code) runs without the package
+    from gpas_jax.model import interop  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    interop = None
   cfg = model.config
   out = {}
   for name, v in sd.items():
     if name.endswith('.self_attn.rotary_emb.inv_freq'):
-      if not interop.rope_buffer_matches(interop.to_numpy(v), cfg.rope_theta, cfg.head_dim):
+      if interop and not interop.rope_buffer_matches(interop.to_numpy(v), cfg.rope_theta, cfg.head_dim):
         raise ValueError(f'{name} does not match rope_theta={cfg.rope_theta}, '
                          f'head dim {cfg.head_dim}.')
       continue

@@ -5,7 +5,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from flax import nnx
@@ -34,6 +34,8 @@ from gpas_jax.train import steps
 from gpas_jax.train import workdir as workdir_lib
 
 NonFiniteError = faults.NonFiniteError  # its home is faults.py; kept here for callers
+# (setup, params, step, is_last) -> scalars to log ({} when not due).
+EvalHook = Callable[[steps.Setup, Any, int, bool], dict[str, float]]
 
 
 def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
@@ -92,8 +94,11 @@ def _peak_row(peak: float | None, source: str) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          devices: list | None = None) -> dict[str, Any]:
+          devices: list | None = None, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
   """Trains (resuming from the workdir's newest intact checkpoint); returns the final metrics.
+
+  eval_hooks: called after every step as hook(setup, params, step, is_last) -> scalars to log
+  (metrics.jsonl, TensorBoard), {} when not due: e.g. gpas_jax.evals.harness.training_hook.
 
   Holds the workdir's lock throughout. A run that already finished returns its summary and
   changes nothing ('already_finished'); a stop by SIGTERM or Ctrl-C returns after its save with
@@ -107,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                     'train.py adds them before JAX starts; an in-process caller sets XLA_FLAGS '
                     'itself.', ' '.join(idle))
   with workdir_lib.lock(workdir):
-    return _train(config, workdir, devices)
+    return _train(config, workdir, devices, tuple(eval_hooks))
 
 
 def _trace_window(config: ml_collections.ConfigDict, workdir: str) -> profiling.TraceWindow:
@@ -137,6 +142,7 @@ class _Run:
   peak: float | None = None
   guard: Any = None
   final: dict = dataclasses.field(default_factory=dict)
+  eval_hooks: tuple = ()
 
   def last_good(self) -> str:
     """Where the last good checkpoint is, for a fault's message."""
@@ -154,13 +160,14 @@ class _Run:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
-           devices: list | None = None) -> dict[str, Any]:
+           devices: list | None = None, eval_hooks: tuple[EvalHook, ...] = ()) -> dict[str, Any]:
   t_start = time.time()
   total = config_lib.total_updates(config)
   summary = workdir_lib.finished_summary(workdir, total)
   if summary is not None:
     return _already_finished(workdir, summary, total)
   run = _start(config, workdir, devices, total, t_start)
+  run.eval_hooks = eval_hooks
   with faults.StopSignals(jax.process_count()) as preemption:
     _loop(run, preemption)
   return _finish(run, preemption)
@@ -289,6 +296,12 @@ def _analysis_and_eval(run: _Run, window: console.StepWindow, grad_step, eval_st
     jax.block_until_ready(params)
     with window.excluded():
       run.final = evaluate_and_log(run.s, eval_step, params, run.eval_batches, run.writer, done)
+  for hook in run.eval_hooks:
+    jax.block_until_ready(params)
+    with window.excluded():
+      scalars = hook(run.s, params, done, done == run.total)
+    if scalars:
+      run.writer.write_scalars(done, scalars)
 
 
 def _checkpoint_or_stop(run: _Run, preemption: faults.StopSignals, window: console.StepWindow,
