@@ -38,6 +38,8 @@ def _errors():
       (chained(Exception('Encountered error while reading array index'),
                ValueError(f'OUT_OF_RANGE: {gcs}: Requested byte range [4, 9) is not valid')), True),
       (ValueError(f'FAILED_PRECONDITION: {gcs}: Truncated Zstd-compressed stream'), True),
+      (ValueError(f'FAILED_PRECONDITION: {gcs}: ZSTD_decompressStream() failed: Destination '
+                  'buffer is too small'), True),
       (ValueError(f'NOT_FOUND: {gcs}'), True),
       (ValueError(f'PERMISSION_DENIED: {gcs}: HTTP response code: 403'), False),
       (chained(Exception('Encountered error while reading array index'),

@@ -148,7 +148,7 @@ def test_token_rows_tokenizer_and_init_from_read_from_the_bucket(server, tmp_pat
   real = storage.read_range
   monkeypatch.setattr(storage, 'read_range',
                       lambda p, o, n: reads.append(n) or real(p, o, n))
-  part = tokens._HostBatches(remote, c, host=1, hosts=2)[3]  # pylint: disable=protected-access
+  part = tokens._HostBatches(remote, c, np.arange(4, 8))[3]  # pylint: disable=protected-access
   b = c.optim.global_batch_size
   np.testing.assert_array_equal(part['input_ids'], rows[3 * b + b // 2:4 * b])
   assert reads == [b // 2 * c.data.max_length * 4]

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.helpers import tiny_train_config
 from tests.helpers import DATA_CACHE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -248,7 +249,6 @@ def test_compare_is_quiet_and_starts_through_the_launcher(outside):
 def test_small_items(tmp_path, monkeypatch, capsys):
   """Case 9: hf_tools export refuses an existing export unless asked and says what it wrote;
   analysis names the flag that records per-layer data; a one-eval loss figure ticks whole steps."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gpas_jax.analysis import cli as analysis_cli  # pylint: disable=import-outside-toplevel
   from gpas_jax.analysis import plots  # pylint: disable=import-outside-toplevel
@@ -256,10 +256,10 @@ def test_small_items(tmp_path, monkeypatch, capsys):
   from gpas_jax.model import transformer  # pylint: disable=import-outside-toplevel
   from gpas_jax.runtime import cli  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
-  cfg = transformer.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                num_layers=2, num_heads=2, norm_type='pre')
+  config = tiny_train_config()  # its tokenizer goes into the export with the model
+  cfg = transformer.ModelConfig(vocab_size=config.model.vocab_size, hidden_size=16,
+                                intermediate_size=32, num_layers=2, num_heads=2, norm_type='pre')
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
-  config = ml_collections.ConfigDict({'size_name': 'tiny', 'seed': 0})
   monkeypatch.setattr(loading, 'load_model', lambda workdir, step=None: (config, model))
   out = str(tmp_path / 'hf')
   hf_tools.export_run(str(tmp_path / 'run'), out, step=5)

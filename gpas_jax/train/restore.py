@@ -38,7 +38,8 @@ JOURNAL = '.moving'
 # read are invalid or absent; FAILED_PRECONDITION only with words of a cut or garbled stream,
 # since a storage precondition (a generation mismatch) reads the same code.
 _DAMAGE_CODES = ('DATA_LOSS', 'OUT_OF_RANGE', 'NOT_FOUND')
-_DAMAGE_WORDS = re.compile(r'Truncated|Error decoding|[Cc]orrupt|Unexpected end of')
+_DAMAGE_WORDS = re.compile(r'Truncated|Error decoding|[Cc]orrupt|Unexpected end of|ZSTD_|'
+                           r'[Dd]ecompress')
 _STATUS = re.compile(r'\b(OK|CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|'
                      r'ALREADY_EXISTS|PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|'
                      r'ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|'
