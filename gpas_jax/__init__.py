@@ -92,19 +92,26 @@ class _DeferredPlugin:  # pylint: disable=too-few-public-methods
 
 
 def load_gpu_plugin() -> None:
-  """Undoes the deferral of the GPU plugins (the GPU compiler's start: gpas_jax.perf.gpu_plan),
-  registering them with JAX if its plugin discovery ran already."""
+  """Undoes the deferral of the GPU plugins (the GPU compiler's start: gpas_jax.perf.gpu_plan):
+  JAX's CUDA version module and plugin registration, where JAX got the stand-ins already."""
   deferred = [n for n in _GPU_PLUGIN_MODULES if isinstance(sys.modules.get(n), _DeferredPlugin)]
   for name in deferred:
     del sys.modules[name]
-  if not deferred or 'jax' not in sys.modules:
-    return
+  lib = sys.modules.get('jax._src.lib')
+  if not deferred or lib is None:
+    return  # JAX's own import and discovery will find the real plugins
+  if lib.cuda_versions is None and importlib.util.find_spec('jax_cuda12_plugin') is not None:
+    # JAX's import bound its CUDA version module (None under the stand-in): its cuDNN attention
+    # asks it the cuDNN version (nvidia-cudnn-cu12, where installed) before lowering.
+    lib.cuda_versions = importlib.import_module('jax_cuda12_plugin._versions')
+    for name in ('jax._src.cudnn.fused_attention_stablehlo', 'jax._src.lax.linalg'):
+      if getattr(sys.modules.get(name), 'cuda_versions', True) is None:
+        sys.modules[name].cuda_versions = lib.cuda_versions
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if not xla_bridge._plugins_registered:  # pylint: disable=protected-access
-    return  # JAX's discovery will import the real plugins
-  for name in deferred:
-    if name.startswith('jax_plugins.') and importlib.util.find_spec(name) is not None:
-      importlib.import_module(name).initialize()
+  if xla_bridge._plugins_registered:  # pylint: disable=protected-access
+    for name in deferred:
+      if name.startswith('jax_plugins.') and importlib.util.find_spec(name) is not None:
+        importlib.import_module(name).initialize()
 
 
 def skip_absent_tpu() -> bool:

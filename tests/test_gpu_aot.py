@@ -60,8 +60,8 @@ def test_tiny_steps_compile_for_an_h100_node_with_the_scan_cost_corrected(node, 
   # model FLOPs plus elementwise work).
   unrolled = xla_plan.compile_steps(_config(**BIG_VOCAB, **{'model.scan_layers': False}), node,
                                     with_eval=False)
-  assert r['cost_counted']['flops'] < 0.7 * unrolled['cost_counted']['flops']
-  assert r['cost']['flops'] == pytest.approx(unrolled['cost']['flops'], rel=0.1)
+  assert r['cost_counted']['flops'] < 0.9 * unrolled['cost_counted']['flops']  # the head: all
+  assert r['cost']['flops'] == pytest.approx(unrolled['cost']['flops'], rel=0.06)
   assert 1.2 < r['xla_over_model_flops'] < 2.0
 
 

@@ -138,7 +138,11 @@ def search(config, topology: str, num_slices: int = 1, max_compiles: int = 3,
   tried = []
   attention = target.notes.get('attention_impls', (base.model.attention_impl,))
   for plan in candidates(base, chips, target.memory_bytes, attention)[:max_compiles]:
-    r = xla_plan.compile_steps(apply(base, plan), target, with_eval=False)
+    try:
+      r = xla_plan.compile_steps(apply(base, plan), target, with_eval=False)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. cuDNN attention where JAX refuses it
+      log(f'  {plan["mesh"]} {plan["remat"]} {plan["attention"]}: refused: {str(e).splitlines()[0]}')
+      continue
     r['analytical_bytes'] = plan['estimate']
     log(format_row(r))
     tried.append(r)
