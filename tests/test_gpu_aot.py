@@ -56,13 +56,13 @@ def test_tiny_steps_compile_for_an_h100_node_with_the_scan_cost_corrected(node, 
   assert 0 < r['estimated_step_s'] < 1 and 0 < r['estimated_mfu'] < 1
   assert r['peak_flops_per_chip'] == 989e12 and r['eval']['peak_bytes_per_chip'] > 0
   # The GPU's HLO cost analysis counts the scan's body once, as the TPU's does: the corrected
-  # count matches the compiler's count of the same step unrolled (remat full: ~4/3 of the
-  # model FLOPs plus elementwise work).
+  # count matches the compiler's count of the same step unrolled (remat full: the layers'
+  # forward counted again, plus elementwise work).
   unrolled = xla_plan.compile_steps(_config(**BIG_VOCAB, **{'model.scan_layers': False}), node,
                                     with_eval=False)
-  assert r['cost_counted']['flops'] < 0.9 * unrolled['cost_counted']['flops']  # the head: all
+  assert r['cost_counted']['flops'] < 0.9 * unrolled['cost_counted']['flops']  # 1 layer of 4
   assert r['cost']['flops'] == pytest.approx(unrolled['cost']['flops'], rel=0.06)
-  assert 1.2 < r['xla_over_model_flops'] < 2.0
+  assert 1.05 < r['xla_over_model_flops'] < 2.0  # the head (most FLOPs here) is not remat'd
 
 
 def test_two_nodes_of_eight():
