@@ -124,11 +124,14 @@ CLI = [sys.executable, '-m', 'gpas_jax.perf.aot', '--topology', 'h100:1x8', '--j
        '--config.data.eval_batch_size=8', '--config.mesh.data=1', '--config.mesh.fsdp=8']
 
 
-def test_command_line_json_compiles_with_the_wheels_toolkit_alone():
-  out = subprocess.run(CLI, cwd=ROOT, env=_bare_env(), capture_output=True, text=True,
-                       timeout=300, check=False)
+def test_command_line_search_json_compiles_with_the_wheels_toolkit_alone():
+  out = subprocess.run(CLI + ['--search', '--max_compiles', '1'], cwd=ROOT, env=_bare_env(),
+                       capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert 'GPU compiler' in out.stderr and 'attention' in out.stderr  # the search's table
+  assert ' 8/1/1 ' in out.stderr  # its first candidate: data-parallel over the node
   r = json.loads(out.stdout)
+  assert r['eval']['peak_bytes_per_chip'] > 0  # the chosen plan's eval step
   for key in ('compiler', 'topology', 'devices', 'fits', 'peak_bytes_per_chip',
               'hbm_bytes_per_chip', 'estimated_step_s', 'estimated_mfu', 'compile_s'):
     assert key in r, key  # the TPU path's keys (tests/test_tpu_aot.py)
