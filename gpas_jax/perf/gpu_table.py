@@ -61,7 +61,7 @@ def row_config(spec: str):
   return c, topology
 
 
-def run_row(spec: str) -> dict[str, Any]:
+def run_row(spec: str, first_fit: bool = True) -> dict[str, Any]:
   """One row: the config's own plan compiled ('default:'), or the plan searched with the GPU
   compiler; the report (the best, or the last tried)."""
   from gpas_jax.perf import gpu_plan, tpu_search, xla_plan  # pylint: disable=import-outside-toplevel
@@ -73,7 +73,7 @@ def run_row(spec: str) -> dict[str, Any]:
   if spec.startswith('default:'):
     r = xla_plan.compile_steps(c, target)
   else:
-    res = tpu_search.search(c, topology, max_compiles=3, first_fit=True, with_eval=False,
+    res = tpu_search.search(c, topology, max_compiles=3, first_fit=first_fit, with_eval=False,
                             log=lambda line: print(f'  {spec}: {line}', flush=True),
                             target=target)
     r = res['best'] or (res['tried'][-1] if res['tried'] else {'fits': False})
@@ -98,6 +98,9 @@ def main(argv: list[str]) -> None:
                  'variants, cudnn, all, or [default:]size@chip:HxG[:f32master|:faithful|:cudnn]')
   p.add_argument('--out', default='gpu_table.jsonl')
   p.add_argument('--markdown', default='', help='print the table of this JSON-lines file only')
+  p.add_argument('--best_of_3', action='store_true',
+                 help='compile 3 candidates a row and keep the fastest that fits (default: the '
+                      'first that fits)')
   a = p.parse_args(argv)
   if a.markdown:
     print(tpu_table.markdown(storage.read_jsonl(a.markdown), chip='GPU'))
@@ -108,7 +111,9 @@ def main(argv: list[str]) -> None:
   done = []
   for spec in rows_for(a.rows.split(',')):
     try:
-      r = run_row(spec)
+      r = run_row(spec, first_fit=not a.best_of_3)
+      if a.best_of_3 and not spec.startswith('default:'):
+        r['kind'] += ', best of 3'
     except Exception as e:  # pylint: disable=broad-except
       size, _, topo = spec.partition('@')
       r = {'kind': spec, 'size': size, 'slice': topo, 'error': str(e).splitlines()[0][:200]}
