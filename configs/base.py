@@ -212,6 +212,14 @@ def with_recipe(c: ml_collections.ConfigDict, name: str) -> ml_collections.Confi
   # The baseline evaluates per-device batches of its per-GPU training batch size.
   c.data.eval_batch_size = r['batch'] // r['loss_chunks']
   c.model.remat_policy = r.get('remat', 'none')
+  # Precision: pure bf16 parameters, Adam state and compute, as the paper trains (the release's
+  # model.to(bfloat16)): a reproduction of its numbers wants its arithmetic, and the plans of
+  # docs/TPU.md and docs/GPU.md fit at it (float32 parameters with the paper's batches do not
+  # all fit: 71m on v5e-8 needs 16.46 GiB of 16, the TPU compiler). Set in the config, not by
+  # the platform, so that a plan made on a CPU host is what a pod runs and config.json says it.
+  # MaxText's alternative, float32 master weights with bf16 compute:
+  # --config.model.param_dtype=float32 (docs/GPU.md has its rows).
+  c.model.param_dtype = c.model.compute_dtype = 'bfloat16'
   # The paper trains on C4 with the T5 tokenizer: a paper size needs its data flags (data.data_dir
   # and data.tokenizer, or data.source='tokens') instead of silently using the embedded corpus.
   c.data.source = 'tfds'

@@ -11,6 +11,8 @@ if os.environ.get('GPAS_TEST_XLA_DEFAULT') != '1':
                              ' --xla_backend_optimization_level=0').strip()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# gpas_jax before jax: on a host without a GPU it defers the gpu extra's CUDA plugin (quiet).
+import gpas_jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.helpers import DATA_CACHE

@@ -50,6 +50,16 @@ def tiny_train_config(**overrides):
   return c
 
 
+def compiler_config(fsdp: int, **overrides):
+  """The tiny config as the compiler tests plan it: scanned, remat'd, pure bf16, fsdp over
+  `fsdp` chips."""
+  c = tiny_train_config(**{'model.scan_layers': True, 'model.remat_policy': 'full',
+                           'model.param_dtype': 'bfloat16', 'model.compute_dtype': 'bfloat16',
+                           'model.num_layers': 4, 'optim.global_batch_size': 16, **overrides})
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, fsdp, 1
+  return c
+
+
 def data_config(cache_dir, **data):
   """The tiny config with its data cache in `cache_dir` and `data.<k>=v` overrides."""
   from configs import tiny  # pylint: disable=import-outside-toplevel

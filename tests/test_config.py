@@ -34,6 +34,20 @@ def test_sizes_match_the_baseline_table():
   assert llama_100m.get_config().model.vocab_size == 32100
 
 
+def test_paper_sizes_train_pure_bf16_and_the_cpu_default_float32():
+  """The paper's precision is the size configs' own (not the platform's): a plan made on a CPU
+  host is what a pod runs; configs/tiny.py, the CPU default, stays float32."""
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  files = glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
+                                 'llama_*.py'))
+  assert len(files) >= 6
+  for path in files:
+    m = importlib.import_module('configs.' + os.path.basename(path)[:-3]).get_config().model
+    assert (m.param_dtype, m.compute_dtype) == ('bfloat16', 'bfloat16'), path
+  m = tiny.get_config().model
+  assert (m.param_dtype, m.compute_dtype) == ('float32', 'float32')
+
+
 BAD = [
     (('model', 'norm_type', 'post_gpas'), r"model.norm_type='post_gpas' is not supported.*pre_gpas"),
     (('model', 'gate_act', 'swish'), r"model.gate_act='swish'.*silu, identity, relu"),

@@ -69,8 +69,24 @@ def test_peak_table_and_device_kinds():
            'NVIDIA A100-SXM4-80GB': 312e12}
   for kind, want in cases.items():
     assert metrics.peak_flops(kind, 'bfloat16') == want, kind
-  assert metrics.peak_flops('NVIDIA H100 80GB HBM3', 'float32') == 67e12
   assert metrics.peak_flops('cpu') is None
+
+
+def test_mfu_peak_is_the_rate_the_matmuls_run_at():
+  """float32 matmuls run as TF32 on Hopper/Ampere and as one bf16 pass on a TPU under JAX's
+  default precision: MFU divides by those rates, the float32 units' only at 'highest'."""
+  h100, v5e, a100 = 'NVIDIA H100 80GB HBM3', 'TPU v5 lite', 'NVIDIA A100-SXM4-80GB'
+  assert metrics.matmul_peak(h100, 'float32') == (
+      494.7e12, "float32 matmuls as tfloat32 (JAX's default precision)")
+  assert metrics.peak_flops(a100, 'float32') == 156e12
+  assert metrics.peak_flops(h100, 'float32', 'highest') == 67e12
+  assert metrics.peak_flops(h100, 'float32', 'bfloat16') == 989e12
+  assert metrics.peak_flops(h100, 'bfloat16', 'highest') == 989e12  # bf16 inputs: bf16 rate
+  assert metrics.matmul_peak(v5e, 'float32') == (
+      197e12, "float32 matmuls as one bf16 pass (JAX's default precision)")
+  assert metrics.peak_flops(v5e, 'float32', 'high') == pytest.approx(197e12 / 3)
+  assert metrics.peak_flops(v5e, 'float32', 'highest') == pytest.approx(197e12 / 6)
+  assert metrics.peak_flops('TPU v5p', 'bfloat16') == 459e12
 
 
 def test_jsonl_appends_and_resume_continues(tmp_path):

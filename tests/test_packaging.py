@@ -32,7 +32,12 @@ def test_pyproject_matches_the_requirements_files():
   # libtpu for the TPU compiler: pinned, the same pin as requirements-tpu.txt; CI installs it.
   assert set(extras['tpu']) == _pins(ROOT / 'requirements-tpu.txt')
   assert all(p.startswith('libtpu==') for p in extras['tpu'])
-  assert '.[test,tpu]' in (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
+  # The GPU compiler: pinned, the same pins as requirements-gpu.txt; CI installs it; the chips'
+  # descriptions ship as package data.
+  assert set(extras['gpu']) == _pins(ROOT / 'requirements-gpu.txt')
+  assert all('==' in p for p in extras['gpu'])
+  assert '.[test,tpu,gpu]' in (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
+  assert meta['tool']['setuptools']['package-data']['gpas_jax.perf'] == ['gpu_specs/*.txtpb']
   # configs ships as a package, so `from configs import base` works once installed.
   assert {'configs', 'configs.*'} <= set(setup['packages']['find']['include'])
   assert (ROOT / 'configs' / '__init__.py').exists()

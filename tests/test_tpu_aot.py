@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from gpas_jax import sharding
-from tests.helpers import tiny_train_config
+from tests.helpers import compiler_config
 
 pytest.importorskip('libtpu', reason='the TPU compiler needs the tpu extra (pip install .[tpu])')
 
@@ -23,11 +23,7 @@ GIB = 1024.0 ** 3
 
 def _config(**overrides):
   """The tiny config scanned, remat'd, pure bf16, fsdp over the 4 chips of a v5e:2x2."""
-  c = tiny_train_config(**{'model.scan_layers': True, 'model.remat_policy': 'full',
-                           'model.param_dtype': 'bfloat16', 'model.compute_dtype': 'bfloat16',
-                           'model.num_layers': 4, 'optim.global_batch_size': 16, **overrides})
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
-  return c
+  return compiler_config(4, **overrides)
 
 
 def _state_bytes(c) -> float:

@@ -47,7 +47,7 @@ def test_table_rows_say_how_the_gradient_is_formed():
          'estimated_step_s': 0.1, 'tokens_per_s_per_chip': 5e3, 'estimated_mfu': 0.3,
          'num_train_steps': 100, 'devices': 256, 'compile_s': 60.0, 'kind': 'best', 'size': '1b',
          'slice': 'v5e-256'}
-  row.update(tpu_table._accumulation(c, row))
+  row.update(tpu_table.accumulation(c, row))
   assert row['chunk_group'] == 16 and row['chunk_axes'] == ['data'] and row['row_axes'] == ['fsdp']
   text = tpu_table.markdown([row, {'kind': 'default', 'size': '1b', 'slice': 'v5e-256',
                                    'error': 'mesh data x fsdp = 1 x 256'}])

@@ -7,7 +7,9 @@
   bench_report  per-round ratios, intervals and the report
   bench_worker  the worker processes' entry point
   aot           python -m gpas_jax.perf.aot: compile a config for a mesh without allocating it
-                (--topology: the TPU compiler, tpu_plan / tpu_search; tpu_table: docs/TPU.md)
+                (--topology: the TPU compiler, tpu_plan / tpu_search; tpu_table: docs/TPU.md;
+                GPU nodes h100:2x8: the GPU compiler, gpu_plan; gpu_table: docs/GPU.md)
+  xla_plan      the report both compilers' plans share: memory, loop-corrected cost, roofline
   data_bench    python -m gpas_jax.perf.data_bench: the data pipeline's tokens/s per host
                 beside what each paper size's TPU plan needs
 

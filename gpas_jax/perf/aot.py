@@ -4,6 +4,8 @@
   python -m gpas_jax.perf.aot --compile_study          # compile time vs depth, scanned vs unscanned
   python -m gpas_jax.perf.aot --topology v5e-256 --config configs/llama_1b.py [--search] [--json]
                                                      # the TPU compiler (tpu_plan.py), docs/TPU.md
+  python -m gpas_jax.perf.aot --topology h100:2x8 --config configs/llama_7b.py [--search] [--json]
+                                                     # the GPU compiler (gpu_plan.py), docs/GPU.md
 
 The train step of gpas_jax.train.steps is lowered on abstract arrays (`steps.setup(...).abstract_state`
 and an abstract batch of `optim.global_batch_size` x `data.max_length` tokens) over a mesh of fake
@@ -221,23 +223,30 @@ def compile_study(layers_scanned=(12, 24), unscanned: int = 24, hidden: int = 76
 
 
 def _tpu_main(f, c) -> None:
-  """--topology: the TPU compiler (libtpu) compiles the train and eval steps for the slice."""
+  """--topology: the TPU compiler (libtpu) or, for GPU nodes (h100:2x8), the GPU compiler
+  (gpu_plan) compiles the train and eval steps for them."""
   import json  # pylint: disable=import-outside-toplevel
-  from gpas_jax.perf import tpu_plan, tpu_search  # pylint: disable=import-outside-toplevel
+  from gpas_jax.perf import gpu_plan, tpu_plan, tpu_search, xla_plan  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')  # the host's own backend: no TPU to attach here
   name = f'{c.get("size_name", "")} {c.model.norm_type}'
   if f.num_slices < 1:
     raise app_usage(f'--num_slices={f.num_slices}: give 1 or more slices.')
+  gpu = gpu_plan.is_gpu_topology(f.topology)
+  if gpu and f.num_slices != 1:
+    raise app_usage(f'--num_slices={f.num_slices} joins TPU slices: give GPU nodes as '
+                    '<chip>:<hosts>x<gpus per host>, e.g. h100:4x8.')
+  target = gpu_plan.target(f.topology) if gpu else None
   c.mesh.dcn_data = f.num_slices
   if f.mesh:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = parse_mesh(f.mesh)
   if f.search:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if f.json else print
-    log(f'{name} on {f.num_slices} x {f.topology}: candidates compiled by the TPU compiler '
+    where = f.topology if gpu else f'{f.num_slices} x {f.topology}'
+    log(f'{name} on {where}: candidates compiled by the {"GPU" if gpu else "TPU"} compiler '
         '(every figure its estimate)')
     log(tpu_search.HEADER)
-    res = tpu_search.search(c, f.topology, f.num_slices, f.max_compiles, log=log)
+    res = tpu_search.search(c, f.topology, f.num_slices, f.max_compiles, log=log, target=target)
     best = res['best']
     if f.json:
       print(json.dumps(best or res['tried'][0] if res['tried'] else {}, default=float))
@@ -248,7 +257,8 @@ def _tpu_main(f, c) -> None:
     print(f'best (estimated {best["estimated_step_s"]:.4f} s/step, MFU '
           f'{100 * best["estimated_mfu"]:.1f}%): {tpu_search.flags(c, best)}')
     return
-  r = tpu_plan.compile_steps(c, f.topology, f.num_slices)
+  r = (xla_plan.compile_steps(c, target) if gpu
+       else tpu_plan.compile_steps(c, f.topology, f.num_slices))
   if f.json:
     print(json.dumps(r, default=float))
     return
@@ -280,18 +290,23 @@ def _check_topology(f) -> None:
 
 
 def format_tpu(r: dict[str, Any], title: str = '') -> str:
-  """Human-readable lines of a tpu_plan.compile_steps report."""
+  """Human-readable lines of an xla_plan.compile_steps report (TPU or GPU)."""
   mesh = ', '.join(f'{k} {v}' for k, v in r['mesh'].items())
   hbm = r['hbm_bytes_per_chip']
-  lines = [f'{title}compiler: XLA:TPU (libtpu), {r["num_slices"]} x {r["topology"]} = '
+  gpu = r['compiler'] == 'gpu'
+  where = (f'XLA:GPU (jax-cuda12-plugin), {r["hosts"]} x {r["gpus_per_host"]} {r["chip"]}'
+           if gpu else f'XLA:TPU (libtpu), {r["num_slices"]} x {r["topology"]}')
+  lines = [f'{title}compiler: {where} = '
            f'{r["devices"]} chips, mesh ({mesh}); batch {r["batch"]} x {r["seq"]} (micro-batches '
            f'{r["micro_batches"]}); remat {r["remat_policy"]}, scan {r["scan_layers"]}, '
            f'attention {r["attention_impl"]}, {r["param_dtype"]}/{r["compute_dtype"]}',
            f'  train step: compile {r["compile_s"]:.1f} s']
   peak = r['peak_bytes_per_chip']
   verdict = 'FITS' if r['fits'] else f'DOES NOT FIT by {(peak - hbm) / GIB:.2f} GiB'
-  lines.append(f'  per chip (compiler memory_analysis): peak {peak / GIB:.2f} GiB of '
-               f'{hbm / GIB:.0f} GiB HBM -> {verdict}')
+  limit = (f'{hbm / GIB:.1f} GiB ({r["memory_limit"]}, of {r["hbm_total_bytes_per_chip"] / GIB:.1f}'
+           ' GiB)' if gpu else f'{hbm / GIB:.0f} GiB HBM')
+  lines.append(f'  per chip (compiler memory_analysis): peak {peak / GIB:.2f} GiB of {limit} '
+               f'-> {verdict}')
   if not r['fits'] and 'refusal' in r:
     lines.append(f'  the compiler: {r["refusal"]}')
   if not r['fits']:
@@ -304,7 +319,7 @@ def format_tpu(r: dict[str, Any], title: str = '') -> str:
     lines.append(f'  estimated step ({r["step_estimate"]}) {r["estimated_step_s"]:.4f} s: '
                  f'{r["tokens_per_s_per_chip"]:.0f} tokens/s/chip, MFU '
                  f'{100 * r["estimated_mfu"]:.1f}% of {r["peak_flops_per_chip"] / 1e12:.0f} '
-                 f'TFLOP/s bf16')
+                 f'TFLOP/s bf16' + (f'; {r["not_counted"]} not counted' if gpu else ''))
   ev = r.get('eval')
   if ev:
     lines.append(f'  eval step ({ev["rows"]} rows): compile {ev["compile_s"]:.1f} s, '
@@ -369,7 +384,9 @@ def _define_flags() -> None:
   cli.define_config_file('config', os.path.join(gpas_jax.ROOT, 'configs', 'llama_7b.py'),
                          'A config file; override fields with --config.<field>=<value>.')
   flags.DEFINE_string('topology', '', 'A Cloud TPU slice (v5e-256, v5p-128, ...) or topology '
-                      '(v5e:16x16): compile with the TPU compiler (needs the tpu extra).')
+                      '(v5e:16x16): compile with the TPU compiler (needs the tpu extra); or GPU '
+                      'nodes <chip>:<hosts>x<gpus per host> (h100:1x8, h200:2x8, a100:1x8): the '
+                      'GPU compiler (needs the gpu extra).')
   flags.DEFINE_integer('num_slices', 1, 'Slices of --topology joined over DCN (hybrid mesh).')
   flags.DEFINE_bool('search', False, 'With --topology: compile candidate plans, rank them by the '
                     "compiler's estimated step time, print the best one's --config. flags.")

@@ -47,9 +47,10 @@ def _peak_flops(compute_dtype: str, remeasure: bool) -> tuple[float | None, str]
   from gpas_jax.runtime import cpu_peak  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import metrics  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
-  peak = metrics.peak_flops(dev.device_kind, compute_dtype)
+  peak, how = metrics.matmul_peak(dev.device_kind, compute_dtype,
+                                  jax.config.jax_default_matmul_precision)
   if peak is not None:
-    return peak, f'data sheet ({dev.device_kind}, {compute_dtype})'
+    return peak, f'data sheet ({dev.device_kind}, {how})'
   if dev.platform == 'cpu':
     return cpu_peak.cpu_peak_flops('float32', remeasure=remeasure, refine=True)
   return None, f'unknown device kind {dev.device_kind!r} (add it to metrics.PEAK_FLOPS)'

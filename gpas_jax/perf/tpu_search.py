@@ -1,11 +1,12 @@
-"""A plan search for a TPU slice: the settings a user would choose, ranked by the TPU compiler.
+"""A plan search for a TPU slice or GPU nodes: the settings a user would choose, ranked by the
+compiler (XLA:TPU, or XLA:GPU through gpu_plan.target).
 
 Candidates: the mesh split of a slice (all data, all fsdp, fsdp x tensor 4; under the per-chunk
 backward also the release's chunks over data and their rows over fsdp), the remat policy
-('none', 'save_dots', 'full') and, for each, the fewest micro-batches an analytical memory model
-says fit. They are ordered by an analytical cost (recompute, micro-batch and tensor overheads)
-and the first `max_compiles` that the model does not rule out are compiled by the TPU compiler
-(tpu_plan.compile_steps); the best is the fitting one with the least estimated step time. The
+('none', 'save_dots', 'full'), on GPUs the attention (gpu_plan.ATTENTION) and, for each, the
+fewest micro-batches an analytical memory model says fit. They are ordered by an analytical cost
+(recompute, micro-batch and tensor overheads) and the first `max_compiles` that the model does
+not rule out are compiled (xla_plan.compile_steps); the best is the fitting one with the least estimated step time. The
 memory model only orders and prunes: every reported figure is the compiler's.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 from gpas_jax import sharding
 from gpas_jax.perf import tpu_plan
+from gpas_jax.perf import xla_plan
 
 REMAT_COST = {'none': 1.0, 'save_dots': 1.12, 'full': 1.36}  # forward recomputed: ~1 + 1/3
 
@@ -60,9 +62,11 @@ def _torch_chunks(config, data: int, fsdp: int, tensor: int) -> tuple[int, float
   return config.optim.loss_chunks // group, group / shards * unsharded
 
 
-def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
+def candidates(config, chips: int, hbm: float,
+               attention: tuple[str, ...] = ()) -> list[dict[str, Any]]:
   """Plans for a slice of `chips` (per slice), cheapest first, each {'mesh', 'micro', 'remat',
-  'score', 'estimate'}; the analytical model's clear misfits (> 1.5 x HBM) left out."""
+  'attention', 'score', 'estimate'}; the analytical model's clear misfits (> 1.5 x HBM) left out.
+  `attention`: the attention_impl values to try (default: the config's)."""
   b = config.optim.global_batch_size
   slices = config.mesh.get('dcn_data', 1)
   heads = config.model.num_heads
@@ -93,8 +97,9 @@ def candidates(config, chips: int, hbm: float) -> list[dict[str, Any]]:
       if est > 1.5 * hbm:
         continue
       score = REMAT_COST[remat] * (1 + 0.04 * (k - 1)) * (1.15 if tensor > 1 else 1.0)
-      out.append({'mesh': (data * slices, fsdp, tensor), 'micro': 1 if torch_form else k,
-                  'remat': remat, 'score': score, 'estimate': est})
+      for attn in attention or (config.model.attention_impl,):
+        out.append({'mesh': (data * slices, fsdp, tensor), 'micro': 1 if torch_form else k,
+                    'remat': remat, 'attention': attn, 'score': score, 'estimate': est})
   # Plans the analytical model says fit come first: a compile of a clear misfit (7b's whole
   # per-chunk gradient on one v5e chip) can take longer than the plan that fits.
   return sorted(out, key=lambda c: (c['estimate'] > 0.9 * hbm, c['score']))
@@ -106,6 +111,7 @@ def apply(config, plan: dict[str, Any]):
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = plan['mesh']
   c.optim.micro_batches = plan['micro']
   c.model.remat_policy = plan['remat']
+  c.model.attention_impl = plan.get('attention', c.model.attention_impl)
   return c
 
 
@@ -121,18 +127,21 @@ def flags(config, report: dict[str, Any]) -> str:
 
 def search(config, topology: str, num_slices: int = 1, max_compiles: int = 3,
            log: Callable[[str], None] = print, first_fit: bool = False,
-           with_eval: bool = True) -> dict[str, Any]:
-  """Compiles up to max_compiles candidates (first_fit: stop at the first that fits);
-  {'best': report or None, 'tried': [reports]}."""
-  topo, gen = tpu_plan.resolve_topology(topology)
-  devices = tpu_plan.tpu_devices(topo, num_slices)
-  chips = len(devices) // num_slices
+           with_eval: bool = True, target: xla_plan.Target | None = None) -> dict[str, Any]:
+  """Compiles up to max_compiles candidates (first_fit: stop at the first that fits) for a TPU
+  slice, or for `target` (gpu_plan.target: GPU nodes); {'best': report or None, 'tried': [...]}."""
+  target = target or tpu_plan.target(topology, num_slices)
+  chips = len(target.devices) // target.num_slices
   base = config.copy_and_resolve_references()
-  base.mesh.dcn_data = num_slices
+  base.mesh.dcn_data = target.num_slices
   tried = []
-  for plan in candidates(base, chips, tpu_plan.hbm_bytes(gen))[:max_compiles]:
-    r = tpu_plan.compile_steps(apply(base, plan), topo, num_slices, with_eval=False,
-                               devices=devices)
+  attention = target.notes.get('attention_impls', (base.model.attention_impl,))
+  for plan in candidates(base, chips, target.memory_bytes, attention)[:max_compiles]:
+    try:
+      r = xla_plan.compile_steps(apply(base, plan), target, with_eval=False)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. cuDNN attention where JAX refuses it
+      log(f'  {plan["mesh"]} {plan["remat"]} {plan["attention"]}: refused: {str(e).splitlines()[0]}')
+      continue
     r['analytical_bytes'] = plan['estimate']
     log(format_row(r))
     tried.append(r)
@@ -143,23 +152,24 @@ def search(config, topology: str, num_slices: int = 1, max_compiles: int = 3,
   if best is not None and with_eval:  # the chosen plan's eval step too
     from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
     s = steps.setup(apply(base, {'mesh': tuple(best['mesh'].values()),
-                                 'micro': best['micro_batches'], 'remat': best['remat_policy']}),
-                    devices)
-    best['eval'] = tpu_plan.compile_eval(s, gen)
+                                 'micro': best['micro_batches'], 'remat': best['remat_policy'],
+                                 'attention': best['attention_impl']}), target.devices)
+    best['eval'] = xla_plan.compile_eval(s, target)
   return {'best': best, 'tried': tried}
 
 
-HEADER = (f'{"mesh d/f/t":>12} {"micro":>5} {"remat":>9} {"peak GiB":>9} {"fits":>5} '
-          f'{"step s":>8} {"tok/s/chip":>10} {"MFU":>6} {"compile s":>9}')
+HEADER = (f'{"mesh d/f/t":>12} {"micro":>5} {"remat":>9} {"attention":>9} {"peak GiB":>9} '
+          f'{"fits":>5} {"step s":>8} {"tok/s/chip":>10} {"MFU":>6} {"compile s":>9}')
 
 
 def format_row(r: dict[str, Any]) -> str:
-  """One table line of a compiled plan (every figure the TPU compiler's estimate)."""
+  """One table line of a compiled plan (every figure the compiler's estimate)."""
   m = r['mesh']
   mesh = f'{m["data"]}/{m["fsdp"]}/{m["tensor"]}'
   peak = r['peak_bytes_per_chip'] / tpu_plan.GIB
   step = r['estimated_step_s']
   mfu = r['estimated_mfu']
-  return (f'{mesh:>12} {r["micro_batches"]:>5} {r["remat_policy"]:>9} {peak:>9.2f} '
+  return (f'{mesh:>12} {r["micro_batches"]:>5} {r["remat_policy"]:>9} '
+          f'{r["attention_impl"]:>9} {peak:>9.2f} '
           f'{"yes" if r["fits"] else "NO":>5} {step:>8.4f} {r["tokens_per_s_per_chip"]:>10.0f} '
           f'{"n/a" if math.isnan(mfu) else f"{100 * mfu:.1f}%":>6} {r["compile_s"]:>9.1f}')

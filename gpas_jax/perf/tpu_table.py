@@ -76,14 +76,14 @@ def run_row(kind: str, size: str, slice_name: str) -> dict[str, Any]:
     r = res['best'] or (res['tried'][-1] if res['tried'] else {'fits': False})
     r['compiles'] = len(res['tried'])
   if 'mesh' in r:
-    r.update(_accumulation(c, r))
+    r.update(accumulation(c, r))
   r.update(kind=kind, size=size, slice=slice_name, wall_s=time.perf_counter() - t0,
            num_train_steps=c.num_train_steps, tokens_per_step=c.optim.global_batch_size
            * c.data.max_length)
   return r
 
 
-def _accumulation(config, report: dict[str, Any]) -> dict[str, Any]:
+def accumulation(config, report: dict[str, Any]) -> dict[str, Any]:
   """How a row's gradient is formed: the release's chunks, how many run at once, and where."""
   from gpas_jax.train import steps  # pylint: disable=import-outside-toplevel
   form = config.optim.grad_accumulation
@@ -100,12 +100,19 @@ def _micro(r: dict[str, Any]) -> str:
   return str(r['micro_batches'])
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-  """The table of finished rows (every figure the TPU compiler's estimate)."""
+def _attention(r: dict[str, Any], chip: str) -> str:
+  return '' if chip == 'chip' else f', {r["attention_impl"]} attention'
+
+
+def markdown(rows: list[dict[str, Any]], chip: str = 'chip') -> str:
+  """The table of finished rows (every figure the compiler's estimate); chip='GPU' for GPU
+  rows (their memory limit is the allocator's share of HBM; the remat cell names the
+  attention)."""
   gib = 1024.0 ** 3
-  lines = ['| size | slice | plan | mesh d/f/t | micro | remat | peak GiB/chip (of HBM) | fits | '
-           'est. step s | tokens/s/chip | est. MFU | est. wall (paper tokens) | chip-hours | '
-           'compile s |', '|' + '---|' * 14]
+  of = 'of HBM' if chip == 'chip' else 'of the usable'
+  lines = [f'| size | {"slice" if chip == "chip" else "nodes"} | plan | mesh d/f/t | micro | remat '
+           f'| peak GiB/{chip} ({of}) | fits | est. step s | tokens/s/{chip} | est. MFU | est. '
+           f'wall (paper tokens) | {chip}-hours | compile s |', '|' + '---|' * 14]
   for r in rows:
     if 'mesh' not in r:
       lines.append(f'| {r["size"]} | {r["slice"]} | {r["kind"]} | refused: '
@@ -117,7 +124,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     hours = wall * r['devices'] / 3600 if ok else math.nan
     lines.append(
         f'| {r["size"]} | {r["slice"]} | {r["kind"]} | {m["data"]}/{m["fsdp"]}/{m["tensor"]} | '
-        f'{_micro(r)} | {r["remat_policy"]} | {r["peak_bytes_per_chip"] / gib:.2f} '
+        f'{_micro(r)} | {r["remat_policy"]}{_attention(r, chip)} | '
+        f'{r["peak_bytes_per_chip"] / gib:.2f} '
         f'({r["hbm_bytes_per_chip"] / gib:.0f}) | {"yes" if r["fits"] else "NO"} | '
         + (f'{step:.3f} | {r["tokens_per_s_per_chip"]:,.0f} | {100 * r["estimated_mfu"]:.1f}% | '
            f'{wall / 3600:.2f} h | {hours:,.1f} |' if ok else ' | | | | |')

@@ -18,7 +18,8 @@ import numpy as np
 from gpas_jax import storage
 
 # Dense (no sparsity) peak FLOP/s per chip, from the vendors' data sheets. 'tfloat32' is what
-# XLA uses for float32 matmuls on NVIDIA by default; 'float32' is the non-tensor-core rate.
+# XLA uses for float32 matmuls on NVIDIA by default; 'float32' is the non-tensor-core rate. MFU
+# divides by the rate the matmuls really run at (matmul_peak).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     'tpu_v4': {'bfloat16': 275e12},
     'tpu_v5e': {'bfloat16': 197e12},
@@ -106,14 +107,49 @@ def chip_name(device_kind: str) -> Optional[str]:
   return None
 
 
-def peak_flops(device_kind: Optional[str] = None, dtype: str = 'bfloat16') -> Optional[float]:
-  """Returns the table's peak FLOP/s for a device kind (default: jax.devices()[0]), or None."""
-  if device_kind is None:
-    device_kind = jax.devices()[0].device_kind
+# jax_default_matmul_precision values -> the passes a float32 matmul runs as. TPU: one bf16
+# pass by default ('bfloat16'), 3 ('high', bf16_3x) or 6 ('highest': float32 to round-off).
+# NVIDIA (Ampere and later): TF32 tensor cores by default and at 'high', the float32 units at
+# 'highest'; 'bfloat16' runs them in bf16.
+_TPU_F32 = {None: ('bfloat16', 1), 'default': ('bfloat16', 1), 'fastest': ('bfloat16', 1),
+            'bfloat16': ('bfloat16', 1), 'high': ('bfloat16', 3), 'bfloat16_3x': ('bfloat16', 3),
+            'tensorfloat32': ('bfloat16', 3), 'highest': ('bfloat16', 6), 'float32': ('bfloat16', 6)}
+_GPU_F32 = {None: 'tfloat32', 'default': 'tfloat32', 'fastest': 'tfloat32', 'high': 'tfloat32',
+            'tensorfloat32': 'tfloat32', 'bfloat16': 'bfloat16', 'bfloat16_3x': 'tfloat32',
+            'highest': 'float32', 'float32': 'float32'}
+
+
+def matmul_peak(device_kind: str, dtype: str = 'bfloat16',
+                precision: Optional[str] = None) -> tuple[Optional[float], str]:
+  """(peak FLOP/s of the matmuls of `dtype` as they really run on this chip, how they run).
+
+  A float32 matmul under JAX's default precision runs as TF32 on NVIDIA tensor cores (~495
+  TFLOP/s on an H100, not its 67 TFLOP/s float32 rate) and as one bf16 pass on a TPU;
+  `precision` (jax_default_matmul_precision; None: the default) changes that. None for a chip
+  with no data-sheet entry."""
   name = chip_name(device_kind)
   if name is None:
-    return None
-  return PEAK_FLOPS[name].get(str(jnp.dtype(dtype)) if dtype != 'tfloat32' else dtype)
+    return None, f'no peak known for {device_kind}'
+  dt = str(jnp.dtype(dtype)) if dtype != 'tfloat32' else dtype
+  table = PEAK_FLOPS[name]
+  if dt != 'float32':
+    return table.get(dt), f'{dt} matmuls'
+  how = "JAX's default precision" if precision is None else f'matmul precision {precision}'
+  if name.startswith('tpu'):
+    key, passes = _TPU_F32.get(precision, ('bfloat16', 6))
+    runs = 'one bf16 pass' if passes == 1 else f'{passes} bf16 passes'
+    return table[key] / passes, f'float32 matmuls as {runs} ({how})'
+  key = _GPU_F32.get(precision, 'float32')
+  return table.get(key), f'float32 matmuls as {key} ({how})'
+
+
+def peak_flops(device_kind: Optional[str] = None, dtype: str = 'bfloat16',
+               precision: Optional[str] = None) -> Optional[float]:
+  """Returns the peak FLOP/s of `dtype` matmuls on a device kind (default: jax.devices()[0]) as
+  they run at `precision` (matmul_peak), or None."""
+  if device_kind is None:
+    device_kind = jax.devices()[0].device_kind
+  return matmul_peak(device_kind, dtype, precision)[0]
 
 
 def format_duration(seconds: float) -> str:

@@ -72,10 +72,10 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float | None, str]:
   """(peak FLOP/s per device for MFU, where it comes from), printed in the start-up block."""
   kind = jax.devices()[0].device_kind
-  dtype = config.model.compute_dtype
-  peak = metrics_lib.peak_flops(kind, dtype)
+  peak, how = metrics_lib.matmul_peak(kind, config.model.compute_dtype,
+                                      jax.config.jax_default_matmul_precision)
   if peak is not None:
-    return peak, f'data sheet of {metrics_lib.chip_name(kind) or kind}, {dtype}'
+    return peak, f'data sheet of {metrics_lib.chip_name(kind) or kind}, {how}'
   if jax.devices()[0].platform == 'cpu':
     # The measured peak is the whole host's (all its cores): share it among the CPU devices of
     # this process (8 with --xla_force_host_platform_device_count=8), so MFU does not shrink 8x.
