@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -25,14 +26,17 @@ def bucket(tmp_path_factory):
   started from outside the clone; yields (folder, the two variables it prints)."""
   where = tmp_path_factory.mktemp('walk')
   port = free_port()
+  log = open(where / 'server.log', 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+  # The server logs every request: into a file, since a pipe nobody reads fills and stalls it.
   proc = subprocess.Popen(
       [sys.executable, '-m', 'gpas_jax.testing.gcs_server', f'--port={port}', '--bucket=walkb'],
       cwd=where, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+      stderr=log, text=True)
   try:
     first, deadline = proc.stdout.readline(), time.time() + 60
-    assert first.startswith('GCS server on'), (first, proc.stderr.read() if proc.poll() else '')
+    assert first.startswith('GCS server on'), (first, (where / 'server.log').read_text())
     export = proc.stdout.readline().split('export ', 1)[1].split()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain the rest
     env = dict(kv.split('=', 1) for kv in export)
     assert set(env) == {'STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL'}
     assert time.time() < deadline
@@ -40,6 +44,7 @@ def bucket(tmp_path_factory):
   finally:
     proc.kill()
     proc.wait()
+    log.close()
 
 
 def _config_file(folder, **overrides) -> str:
@@ -132,7 +137,8 @@ def test_aot_default_plan_runs_for_the_tiny_config_and_a_misfit_names_the_way_ou
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'mesh (data 1, fsdp 16, tensor 1) = 16 devices' in res.stdout, res.stdout
   from gpas_jax.perf import aot  # pylint: disable=import-outside-toplevel
-  report = {'mesh': {'data': 1, 'fsdp': 8, 'tensor': 1}, 'hbm_bytes_per_chip': 16 * aot.GIB,
+  report = {'compiler': 'tpu', 'mesh': {'data': 1, 'fsdp': 8, 'tensor': 1},
+            'hbm_bytes_per_chip': 16 * aot.GIB,
             'peak_bytes_per_chip': 16.46 * aot.GIB, 'fits': False, 'num_slices': 1,
             'topology': 'v5e-8', 'devices': 8, 'batch': 512, 'seq': 256, 'micro_batches': 1,
             'remat_policy': 'none', 'scan_layers': True, 'attention_impl': 'xla',

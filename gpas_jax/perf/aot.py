@@ -279,10 +279,13 @@ FIT_HINT = ('  to fit: --search (with --topology) compiles meshes, remat and mic
 
 def _check_topology(f) -> None:
   """--topology as the compiler takes it, before anything compiles; --chip refused beside it."""
-  from gpas_jax.perf import tpu_plan  # pylint: disable=import-outside-toplevel
+  from gpas_jax.perf import gpu_plan, tpu_plan  # pylint: disable=import-outside-toplevel
   if f['chip'].present:
     raise app_usage(f'--chip={f.chip} sets the HBM of the fake-CPU plan; with --topology the '
                     "slice's own chip counts: drop --chip.")
+  if gpu_plan.is_gpu_topology(f.topology):
+    gpu_plan.resolve_topology(f.topology)  # a one-line UserError naming the form
+    return
   try:
     tpu_plan.check_topology(f.topology, max(1, f.num_slices))
   except (ValueError, RuntimeError) as e:
