@@ -49,6 +49,34 @@ def configure_clients() -> None:
     os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'local')
 
 
+_AUTH_QUIETED = []
+
+
+def quiet_tensorstore_auth(url: str) -> None:
+  """Starts tensorstore's GCS auth with stderr closed, once, where the token is a local one.
+
+  Its C++ logs 'Using GOOGLE_AUTH_TOKEN_FOR_TESTING' when its shared auth provider starts (no
+  switch turns that INFO line off); with configure_clients' token that only ever means a local
+  test server, so the provider is started here, by one read, with file descriptor 2 closed.
+  """
+  if _AUTH_QUIETED or not is_url(url) or not os.environ.get('GOOGLE_AUTH_TOKEN_FOR_TESTING'):
+    return
+  _AUTH_QUIETED.append(True)
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(null, 2)
+    try:
+      store = ts.KvStore.open({'driver': 'gcs', 'bucket': bucket_and_name(url)[0]}).result()
+      store.read('gpas_jax-auth-probe').result()
+    except Exception:  # pylint: disable=broad-except  # any answer will do: auth has started
+      pass
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
 def write_failure_hint(path: str, cause: str) -> str:
   """What to check when a write under `path` failed with `cause`: the disk for a local path; for
   a URL the bucket and its server (a server without object generations named as such)."""

@@ -85,6 +85,7 @@ def test_a_bucket_run_records_the_resolved_config_and_an_old_config_json_resumes
   res = _tool(where, *run, env=env)
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+  assert 'GOOGLE_AUTH_TOKEN_FOR_TESTING' not in res.stderr  # tensorstore's C++ INFO line
   assert 'baseline_faithful: keeping model.excess_precision=True' in res.stderr
   saved = _read_bucket(env, 'gs://walkb/run/config.json')
   assert saved['resolved_faithful'] is True and saved['model']['excess_precision'] is True

@@ -75,6 +75,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkpo
   """A manager that keeps the last `checkpoint_keep` steps and saves asynchronously."""
   if storage.is_url(workdir):
     _bound_gcs_retries()
+    storage.quiet_tensorstore_auth(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint_keep, create=True,
       enable_async_checkpointing=config.checkpoint_async)
