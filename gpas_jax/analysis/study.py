@@ -238,7 +238,8 @@ def variance_over_training_plot(groups: dict[str, list[runs_lib.RunDir]], path: 
   ax.set_xlabel('training step')
   ax.set_ylabel('residual-stream variance after the last layer')
   ax.set_title(title)
-  ax.legend(fontsize='small')
+  if ax.get_legend_handles_labels()[0]:  # no run recorded per-layer data: no empty legend
+    ax.legend(fontsize='small')
   return plots._save(fig, path)  # pylint: disable=protected-access
 
 
