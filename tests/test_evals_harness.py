@@ -10,6 +10,7 @@ up to ~200 log-probs of size ~6: |diff| <= 1e-4 + 1e-6 |ll| (seen: <= 5e-5).
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -69,7 +70,8 @@ def test_jax_and_hf_backends_agree_on_a_trained_run(tmp_path, runs, task_dir, no
   from gpas_jax.baseline import hf_tools  # pylint: disable=import-outside-toplevel
   from lm_eval.models.huggingface import HFLM  # pylint: disable=import-outside-toplevel
   run = runs(norm_type)
-  _, lm = harness.lm_from_run(run)
+  _, lm, step = harness.lm_from_run(run)
+  assert step == 3  # the newest checkpoint, said
   ours = harness.evaluate(lm, TASKS, task_dir, num_fewshot=1, log_samples=True,
                           bootstrap_iters=0)
   out = hf_tools.export_run(run, str(tmp_path / 'hf'))
@@ -112,6 +114,7 @@ def test_the_command_line_writes_the_results_json_and_the_samples(tmp_path, runs
   from gpas_jax.analysis import runs as runs_lib  # pylint: disable=import-outside-toplevel
   recorded = runs_lib.load_run(run).downstream()
   assert recorded['gpas_mc/acc'] == row['acc,none']
+  assert json.loads((pathlib.Path(run) / 'downstream.json').read_text())['step'] == 3  # loaded
   # The same task scored inside training on the same (final) parameters gave the same numbers.
   from gpas_jax import storage  # pylint: disable=import-outside-toplevel
   logged = [r for r in storage.read_jsonl(os.path.join(run, 'metrics.jsonl'))

@@ -27,14 +27,16 @@ from gpas_jax.runtime import console
 DOWNSTREAM_FILE = 'downstream.json'  # analysis.runs.RunDir.downstream reads it
 
 def lm_from_run(workdir: str, step: int | None = None, batch_size: int = 16
-                ) -> tuple[ml_collections.ConfigDict, jax_lm.JaxLM]:
-  """The run's config and a JaxLM over its checkpoint (latest intact, or `step`) and tokenizer."""
+                ) -> tuple[ml_collections.ConfigDict, jax_lm.JaxLM, int]:
+  """The run's config, a JaxLM over its checkpoint (latest intact, or `step`) and tokenizer, and
+  the step it holds."""
   from gpas_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import loading  # pylint: disable=import-outside-toplevel
-  config, model = loading.load_model(workdir, step=step)
+  config, model, loaded = loading.load_model_step(workdir, step=step)
   sp = tok_lib.get_tokenizer(config)
   tok_lib.check_tokenizer(sp, config, f'the tokenizer of {workdir}')
-  return config, jax_lm.JaxLM(model, sp, config.data.max_length, batch_size, config.data.pad_id)
+  return config, jax_lm.JaxLM(model, sp, config.data.max_length, batch_size,
+                              config.data.pad_id), loaded
 
 
 def training_hook(tasks: Sequence[str], every_steps: int, include_path: str | None = None,
@@ -154,7 +156,7 @@ def main(argv: Sequence[str]) -> None:
   if include and not storage.is_dir(include):
     raise cli.InputNotFound(f'--include_path={f.include_path} is not a folder of task YAMLs.')
   try:
-    _, lm = lm_from_run(workdir, f.step, f.batch_size)
+    _, lm, loaded = lm_from_run(workdir, f.step, f.batch_size)
   except FileNotFoundError as e:  # no config.json, or no checkpoint
     raise cli.InputNotFound(f'--workdir={f.workdir}: {e}') from None
   results = evaluate(lm, f.tasks, include, f.num_fewshot, f.limit, f.log_samples,
@@ -162,7 +164,7 @@ def main(argv: Sequence[str]) -> None:
   print(table(results))
   written = write_results(results, cli.resolve_path(f.output_path))
   if f.record:
-    written.append(record(workdir, results, f.step))
+    written.append(record(workdir, results, loaded))
   for path in written:
     print(f'wrote {path}')
 

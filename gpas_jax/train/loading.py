@@ -36,11 +36,18 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: 
 
 
 def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
-  """The config and the model of a run's checkpoint, on one device.
+  """The config and the model of a run's checkpoint, on one device (load_model_step's first two).
 
   `step=None` takes the newest intact checkpoint (a damaged newer one is named in the log and
   skipped, never moved); an explicit damaged step raises CheckpointError.
   """
+  config, model, _ = load_model_step(workdir, step)
+  return config, model
+
+
+def load_model_step(workdir: str, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, model, the step loaded): load_model, saying which step `step=None` found."""
   config = _read_config(workdir)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.dcn_data = 1, 1, 1, 1
   config.optim.micro_batches = 1
@@ -67,7 +74,7 @@ def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.Co
         continue
       if k != candidates[0]:
         logging.warning('Loaded step %d, the newest intact checkpoint.', k)
-      return config, nnx.merge(s.graphdef, params, s.rest)
+      return config, nnx.merge(s.graphdef, params, s.rest), k
     raise CheckpointError(f'every checkpoint under {ckpt.checkpoint_dir(workdir)} is damaged.')
   finally:
     manager.close()
