@@ -40,3 +40,11 @@ def cache(tmp_path_factory) -> pathlib.Path:
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent
   return root / 'gpas_data_cache'
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """At a worker's end execnet interrupts its main thread; a KeyboardInterrupt that lands in
+  JAX's gc callback would be printed as an ignored exception after the results. The callback
+  only frees device buffers early, and the process is ending: it goes first."""
+  import gc  # pylint: disable=import-outside-toplevel
+  gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, '__name__', '') != '_xla_gc_callback']
