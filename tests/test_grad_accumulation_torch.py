@@ -9,7 +9,6 @@ the first test checks that emulation against a real DDP run (gloo, 2 CPU process
 
 import os
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
