@@ -106,6 +106,9 @@ def test_user_mistakes_are_one_line_in_every_tool(outside):
   (outside / 'broken.py').write_text('def get_config(:\n')
   _one_line(_tool(outside, '-m', 'gpas_jax.analysis.table', '--root', '.', '--sweep',
                   'broken.py'), 'broken.py cannot be loaded', 'SyntaxError')
+  # A stray word beside the flags (a tool that takes none; cli.run(positional=False)).
+  _one_line(_tool(outside, '-m', 'gpas_jax.analysis.table', '--root', '.', 'stray'),
+            "unexpected arguments: ['stray']")
   for tool in ('gpas_jax.perf.aot', 'gpas_jax.perf.bench'):  # their default config, overridden
     _one_line(_tool(outside, '-m', tool, '--config.model.num_layer=2',
                     env={'GPAS_ALLOCATOR': 'default'}), "no field 'num_layer'")

@@ -9,7 +9,6 @@ import itertools
 import os
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -112,8 +111,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
   path_of = cli_lib.resolve_path
@@ -124,4 +121,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  cli_lib.run(main)
+  cli_lib.run(main, positional=False)

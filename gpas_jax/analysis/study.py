@@ -24,7 +24,6 @@ import os
 import statistics
 from typing import Any, Callable, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 from scipy import stats as sp_stats
@@ -308,8 +307,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
   from gpas_jax.train import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
@@ -326,4 +323,4 @@ if __name__ == '__main__':
   with cli_lib.readable_errors():
     sys.argv = _sweep.take_overrides(sys.argv)  # --sweep.overrides.<field>=v, as the sweep's
   define_flags()
-  cli_lib.run(main, file_flags=('sweep',))
+  cli_lib.run(main, file_flags=('sweep',), positional=False)

@@ -20,7 +20,6 @@ import statistics
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 import ml_collections
 
@@ -333,8 +332,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
   from gpas_jax.train import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
@@ -355,4 +352,4 @@ if __name__ == '__main__':
   with cli.readable_errors():
     sys.argv = _sweep.take_overrides(sys.argv)  # --sweep.overrides.<field>=v, as the sweep's
   define_flags()
-  cli.run(main, file_flags=('sweep',))
+  cli.run(main, file_flags=('sweep',), positional=False)

@@ -23,7 +23,6 @@ import os
 import sys
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -374,8 +373,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from gpas_jax.runtime import console  # pylint: disable=import-outside-toplevel
   console.quiet_logs()  # as train.py: third-party INFO (Orbax, TFDS) only with --verbosity=0
   f = flags.FLAGS
@@ -390,4 +387,4 @@ if __name__ == '__main__':
   from gpas_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_with_fast_malloc()
   define_flags()
-  cli.run(main)
+  cli.run(main, positional=False)

@@ -22,7 +22,6 @@ import pathlib
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -187,8 +186,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: list[str], f: flags.FlagValues = flags.FLAGS) -> int:
   """Trains a tokenizer from the command line (absl flags; --help lists them)."""
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   path = cli.resolve_path  # relative paths: to the working directory, gs:// as it is
   data = ml_collections.ConfigDict(dict(
@@ -209,4 +206,4 @@ def main(argv: list[str], f: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, file_flags=())
+  cli.run(main, file_flags=(), positional=False)

@@ -207,13 +207,16 @@ def define_traceback_flag() -> None:
     flags.DEFINE_bool('traceback', False, 'On an error of our own, print the full traceback too.')
 
 
-def run(main: Callable[[list[str]], Any], file_flags: Sequence[str] = FILE_FLAGS) -> None:
+def run(main: Callable[[list[str]], Any], file_flags: Sequence[str] = FILE_FLAGS,
+        positional: bool = True) -> None:
   """app.run(main) as every tool runs it: config files found anywhere, one-line errors (exit 2),
-  --traceback for the rest."""
+  --traceback for the rest; positional=False refuses arguments that are not flags."""
   define_traceback_flag()
 
   def wrapped(argv: list[str]) -> Any:
     with readable_errors(flags.FLAGS.traceback):
+      if not positional and len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
       return main(argv)
 
   app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, file_flags))

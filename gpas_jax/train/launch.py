@@ -11,7 +11,6 @@ after saving (rerun to resume), 130 aborted by a second Ctrl-C.
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 import gpas_jax
@@ -33,8 +32,6 @@ def define_flags() -> None:
 
 def train_main(argv: list[str]) -> None:
   """Validates the config, applies its XLA flags, starts jax.distributed and trains."""
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help is fast and distributed init precedes any jax use.
   from gpas_jax.runtime import console  # pylint: disable=import-outside-toplevel
   from gpas_jax.train import faults  # pylint: disable=import-outside-toplevel
@@ -68,7 +65,7 @@ def main() -> None:
   from gpas_jax.runtime import allocator  # pylint: disable=import-outside-toplevel
   allocator.reexec_with_fast_malloc()
   define_flags()
-  cli.run(train_main, file_flags=('config',))
+  cli.run(train_main, file_flags=('config',), positional=False)
 
 
 if __name__ == '__main__':

@@ -340,8 +340,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
   runs = plan(f.sweep, cli.resolve_path(f.root), extra_overrides())
@@ -385,4 +383,4 @@ if __name__ == '__main__':
   with cli.readable_errors():
     sys.argv = take_overrides(sys.argv)  # before config_flags reads sys.argv at definition
   define_flags()
-  cli.run(main, file_flags=('sweep',))
+  cli.run(main, file_flags=('sweep',), positional=False)
