@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 from absl import logging
 import ml_collections
 
+from gpas_jax import distributed
 from gpas_jax import storage
 from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train import lock as lock_lib
@@ -31,14 +32,6 @@ def _is_process_0() -> bool:
   return jax.process_index() == 0
 
 
-def _agree(ok: bool) -> bool:
-  """Multi-host: every process gets process 0's answer."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
 @contextlib.contextmanager
@@ -52,7 +45,8 @@ def lock(workdir: str) -> Iterator[None]:
   hold = lock_lib.hold_bucket if storage.is_url(workdir) else lock_lib.hold_local
   with contextlib.ExitStack() as stack:
     error = stack.enter_context(hold(workdir)) if _is_process_0() else ''
-    if not _agree(not error):
+    # Every process gets process 0's answer (a bounded wait, not a device broadcast).
+    if not distributed.from_process_0('workdir-lock', lambda: not error):
       raise WorkdirBusyError(error or f'{storage.absolute(workdir)} is in use by another run '
                              '(process 0 says so).')
     yield
