@@ -23,6 +23,7 @@ import re
 from typing import Any, Callable
 
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
 
 from gpas_jax import distributed
@@ -32,7 +33,6 @@ from gpas_jax.train import checkpoint as ckpt
 from gpas_jax.train.faults import CheckpointDamageError, CheckpointError, ResumeError
 from gpas_jax.train.faults import RestoreError, RunError
 
-DAMAGED_DIR = ckpt.DAMAGED_DIR
 JOURNAL = '.moving'
 # TensorStore's status codes (its errors are ValueErrors starting with one) that prove the bytes
 # read are invalid or absent; FAILED_PRECONDITION only with words of a cut or garbled stream,
@@ -117,7 +117,7 @@ def _read_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 def _act_on(words: list[dict], mine: BaseException | None, step: int, where: str) -> None:
   """Raises on every host when any host failed or refused (the same error everywhere)."""
-  me = _me(words)
+  me = jax.process_index()
   errors = [h for h, w in enumerate(words) if w['outcome'] == 'error']
   if errors:
     h, w = errors[0], words[errors[0]]
@@ -131,11 +131,6 @@ def _act_on(words: list[dict], mine: BaseException | None, step: int, where: str
     if me in refusals and mine is not None:
       raise mine
     raise ResumeError(f'host {refusals[0]} refused to resume: {words[refusals[0]]["cause"]}')
-
-
-def _me(words: list[dict]) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.process_index() if len(words) > 1 else 0
 
 
 def restore_latest_intact(
@@ -194,13 +189,12 @@ def _restore_latest_intact(manager, abstract_state, data_iterator, workdir, chec
 
 
 def _damaged_dir(workdir: str) -> str:
-  return storage.join(storage.absolute(workdir), DAMAGED_DIR)
+  return storage.join(storage.absolute(workdir), ckpt.DAMAGED_DIR)
 
 
 def move_aside(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> str:
   """Process 0 moves damaged step folders out of Orbax's way, each under a journal."""
   target = _damaged_dir(workdir)
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     for step in steps:
       dest, n = storage.join(target, str(step)), 1
@@ -228,7 +222,6 @@ def _move(src: str, dest: str) -> None:
 
 def finish_moves(workdir: str) -> None:
   """Finishes every move of a damaged step that an interruption cut short (process 0)."""
-  import jax  # pylint: disable=import-outside-toplevel
   target = _damaged_dir(workdir)
   if jax.process_index() == 0 and storage.is_dir(target):
     for name in sorted(storage.path(target).iterdir(), key=str):
