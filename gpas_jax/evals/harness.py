@@ -13,9 +13,8 @@ the Hugging Face cache: HF_DATASETS_OFFLINE=1 reads it without a network) or YAM
 
 import json
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from absl import app
 from absl import flags
 import ml_collections
 
@@ -24,7 +23,11 @@ from gpas_jax.evals import jax_lm
 from gpas_jax.runtime import cli
 from gpas_jax.runtime import console
 
+if TYPE_CHECKING:
+  from gpas_jax.train.trainer import EvalHook
+
 DOWNSTREAM_FILE = 'downstream.json'  # analysis.runs.RunDir.downstream reads it
+
 
 def lm_from_run(workdir: str, step: int | None = None, batch_size: int = 16
                 ) -> tuple[ml_collections.ConfigDict, jax_lm.JaxLM, int]:
@@ -41,16 +44,15 @@ def lm_from_run(workdir: str, step: int | None = None, batch_size: int = 16
 
 def training_hook(tasks: Sequence[str], every_steps: int, include_path: str | None = None,
                   num_fewshot: int | None = None, limit: int | None = None,
-                  batch_size: int = 16) -> Callable[..., dict[str, float]]:
+                  batch_size: int = 16) -> 'EvalHook':
   """A trainer.train eval hook: the tasks every `every_steps` steps and at the end, scored on the
   live state where it lies on the mesh; logged as harness/<task>/<metric>."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from gpas_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  from gpas_jax.train import trainer  # pylint: disable=import-outside-toplevel
   tokenizers = {}
 
-  def hook(s: Any, params: Any, step: int, is_last: bool) -> dict[str, float]:
-    if step % every_steps and not is_last:
-      return {}
+  def hook(s: Any, params: Any, step: int) -> dict[str, float]:  # pylint: disable=unused-argument
     if 'sp' not in tokenizers:
       tokenizers['sp'] = tok_lib.get_tokenizer(s.config)
     lm = jax_lm.JaxLM(nnx.merge(s.graphdef, params, s.rest), tokenizers['sp'],
@@ -58,7 +60,7 @@ def training_hook(tasks: Sequence[str], every_steps: int, include_path: str | No
     results = evaluate(lm, tasks, include_path, num_fewshot, limit, bootstrap_iters=0)
     return {f'harness/{k}': v for k, v in scores(results).items() if not k.endswith('_stderr')}
 
-  return hook
+  return trainer.EvalHook(every_steps, hook)
 
 
 def evaluate(lm: Any, tasks: Sequence[str], include_path: str | None = None,
@@ -147,8 +149,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_logs()
   f = flags.FLAGS
   workdir = cli.resolve_path(f.workdir)
@@ -171,4 +171,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, file_flags=())
+  cli.run(main, file_flags=(), positional=False)

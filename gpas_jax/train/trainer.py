@@ -34,8 +34,18 @@ from gpas_jax.train import steps
 from gpas_jax.train import workdir as workdir_lib
 
 NonFiniteError = faults.NonFiniteError  # its home is faults.py; kept here for callers
-# (setup, params, step, is_last) -> scalars to log ({} when not due).
-EvalHook = Callable[[steps.Setup, Any, int, bool], dict[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalHook:
+  """Side work every `every_steps` steps and after the last: fn(setup, params, step) -> scalars
+  to log. Its schedule is the trainer's to check, so steps between never wait for the device."""
+  every_steps: int
+  fn: Callable[[steps.Setup, Any, int], dict[str, float]]
+
+  def due(self, step: int, total: int) -> bool:
+    """Whether it runs after `step`."""
+    return step % self.every_steps == 0 or step == total
 
 
 def gate_scalars(s: steps.Setup, params: Any) -> dict[str, float]:
@@ -97,8 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           devices: list | None = None, eval_hooks: Sequence[EvalHook] = ()) -> dict[str, Any]:
   """Trains (resuming from the workdir's newest intact checkpoint); returns the final metrics.
 
-  eval_hooks: called after every step as hook(setup, params, step, is_last) -> scalars to log
-  (metrics.jsonl, TensorBoard), {} when not due: e.g. gpas_jax.evals.harness.training_hook.
+  eval_hooks: EvalHooks run when due; their scalars go to metrics.jsonl and TensorBoard (e.g.
+  gpas_jax.evals.harness.training_hook).
 
   Holds the workdir's lock throughout. A run that already finished returns its summary and
   changes nothing ('already_finished'); a stop by SIGTERM or Ctrl-C returns after its save with
@@ -297,9 +307,11 @@ def _analysis_and_eval(run: _Run, window: console.StepWindow, grad_step, eval_st
     with window.excluded():
       run.final = evaluate_and_log(run.s, eval_step, params, run.eval_batches, run.writer, done)
   for hook in run.eval_hooks:
-    jax.block_until_ready(params)
+    if not hook.due(done, run.total):
+      continue
+    jax.block_until_ready(params)  # queued steps count as train time
     with window.excluded():
-      scalars = hook(run.s, params, done, done == run.total)
+      scalars = hook.fn(run.s, params, done)
     if scalars:
       run.writer.write_scalars(done, scalars)
 
