@@ -25,3 +25,19 @@ def test_markdown_speaks_of_gpus_and_their_attention():
   assert 'GPU-hours' in text and 'tokens/s/GPU' in text
   assert '| none, cudnn attention | 8.00 (59) | yes | 0.500 |' in text
   assert '| 1.00 h | 8.0 |' in text  # 0.5 s x 7200 steps; x 8 GPUs
+
+
+def test_rows_land_in_the_file_one_by_one_and_a_failed_row_is_kept(tmp_path, capsys):
+  out = str(tmp_path / 'rows.jsonl')
+
+  def refused():
+    raise RuntimeError('no such chip\nmore words')
+
+  done = tpu_table.run_rows([('a', {'kind': 'a'}, lambda: {'kind': 'a', 'fits': True}),
+                             ('b', {'kind': 'b', 'size': '7b'}, refused),
+                             ('c', {'kind': 'c'}, lambda: {'kind': 'c', 'fits': False})], out)
+  assert done == [{'kind': 'a', 'fits': True}, {'kind': 'b', 'size': '7b', 'error': 'no such chip'},
+                  {'kind': 'c', 'fits': False}]
+  assert tpu_table.storage.read_jsonl(out) == done
+  said = capsys.readouterr().out
+  assert 'a: fits' in said and 'b: does not fit / refused' in said and 'c: does not fit' in said

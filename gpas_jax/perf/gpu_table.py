@@ -14,7 +14,6 @@ is printed from that file (--markdown FILE.jsonl prints it alone). 'default:' ro
 config's own plan (mesh, micro-batches, remat) with its eval step. Needs the gpu extra.
 """
 
-import json
 import sys
 import time
 from typing import Any
@@ -109,19 +108,18 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')
   t0 = time.perf_counter()
-  done = []
+
+  def run(spec: str) -> dict[str, Any]:
+    r = run_row(spec, first_fit=not a.best_of_3)
+    if a.best_of_3 and not spec.startswith('default:'):
+      r['kind'] += ', best of 3'
+    return r
+
+  jobs = []
   for spec in rows_for(a.rows.split(',')):
-    try:
-      r = run_row(spec, first_fit=not a.best_of_3)
-      if a.best_of_3 and not spec.startswith('default:'):
-        r['kind'] += ', best of 3'
-    except Exception as e:  # pylint: disable=broad-except
-      size, _, topo = spec.partition('@')
-      r = {'kind': spec, 'size': size, 'slice': topo, 'error': str(e).splitlines()[0][:200]}
-    print(f'[{time.perf_counter() - t0:.0f} s] {spec}: '
-          f'{"fits" if r.get("fits") else "does not fit / refused"}', flush=True)
-    done.append(r)
-    storage.append_jsonl(a.out, json.loads(json.dumps(r, default=float)))
+    size, _, topo = spec.partition('@')
+    jobs.append((spec, {'kind': spec, 'size': size, 'slice': topo}, lambda spec=spec: run(spec)))
+  done = tpu_table.run_rows(jobs, a.out)
   print(tpu_table.markdown(done, chip='GPU'))
   print(f'total {time.perf_counter() - t0:.0f} s')
 

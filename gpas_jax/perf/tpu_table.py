@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import gpas_jax
 from gpas_jax import storage
@@ -133,6 +133,24 @@ def markdown(rows: list[dict[str, Any]], chip: str = 'chip') -> str:
   return '\n'.join(lines)
 
 
+def run_rows(jobs: list[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]], out: str
+             ) -> list[dict[str, Any]]:
+  """Each job (label, the row's fields should it fail, its run) in turn: each row appended to
+  `out` as it lands (a long table survives a stop), its progress printed; the rows."""
+  t0 = time.perf_counter()
+  done = []
+  for label, fields, run in jobs:
+    try:
+      r = run()
+    except Exception as e:  # pylint: disable=broad-except
+      r = {**fields, 'error': str(e).splitlines()[0][:200]}
+    print(f'[{time.perf_counter() - t0:.0f} s] {label}: '
+          f'{"fits" if r.get("fits") else "does not fit / refused"}', flush=True)
+    done.append(r)
+    storage.append_jsonl(out, json.loads(json.dumps(r, default=float)))
+  return done
+
+
 def main(argv: list[str]) -> None:
   """Runs the rows asked for, appending each to --out; prints the markdown table."""
   import argparse  # pylint: disable=import-outside-toplevel
@@ -151,18 +169,9 @@ def main(argv: list[str]) -> None:
   jax.config.update('jax_platforms', 'cpu')
   sizes = set(a.sizes.split(','))
   t0 = time.perf_counter()
-  done = []
-  for kind, size, sl in rows_for(a.rows.split(',')):
-    if size not in sizes:
-      continue
-    try:
-      r = run_row(kind, size, sl)
-    except Exception as e:  # pylint: disable=broad-except
-      r = {'kind': kind, 'size': size, 'slice': sl, 'error': str(e).splitlines()[0][:200]}
-    print(f'[{time.perf_counter() - t0:.0f} s] {kind} {size} {sl}: '
-          f'{"fits" if r.get("fits") else "does not fit / refused"}', flush=True)
-    done.append(r)
-    storage.append_jsonl(a.out, json.loads(json.dumps(r, default=float)))
+  done = run_rows([(f'{kind} {size} {sl}', {'kind': kind, 'size': size, 'slice': sl},
+                    lambda kind=kind, size=size, sl=sl: run_row(kind, size, sl))
+                   for kind, size, sl in rows_for(a.rows.split(',')) if size in sizes], a.out)
   print(markdown(done))
   print(f'total {time.perf_counter() - t0:.0f} s')
 
