@@ -60,6 +60,15 @@ def compiler_config(fsdp: int, **overrides):
   return c
 
 
+def tiny_config_file(path, **overrides) -> str:
+  """Writes a config file whose get_config() is tiny_train_config(**overrides); its path."""
+  lines = ['from tests.helpers import tiny_train_config', '', '',
+           'def get_config():', f'  return tiny_train_config(**{overrides!r})', '']
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(lines))
+  return str(path)
+
+
 def data_config(cache_dir, **data):
   """The tiny config with its data cache in `cache_dir` and `data.<k>=v` overrides."""
   from configs import tiny  # pylint: disable=import-outside-toplevel

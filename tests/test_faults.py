@@ -6,12 +6,12 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from gpas_jax import config as config_lib
 from gpas_jax.train import faults
+from tests.helpers import tiny_config_file
 from tests.helpers import tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,14 +24,7 @@ def _train_py(*args, timeout=300, **popen):
 
 
 def _config_file(tmp_path, **overrides):
-  path = tmp_path / 'cfg.py'
-  path.write_text(textwrap.dedent(f'''
-      from tests.helpers import tiny_train_config
-
-      def get_config():
-        return tiny_train_config(**{overrides!r})
-  '''))
-  return str(path)
+  return tiny_config_file(tmp_path / 'cfg.py', **overrides)
 
 
 def test_unknown_config_field_is_one_line_naming_the_flag(tmp_path):

@@ -12,7 +12,6 @@ step, equal one process over a mesh of the same 8 devices in plain order.
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from gpas_jax import storage
 from gpas_jax.train import faults
 from tests import gcs
 from tests.helpers import free_port
+from tests.helpers import tiny_config_file
 
 ROOT = gcs.ROOT
 _ROWS, _LENGTH, _VOCAB = 256, 32, 512
@@ -45,14 +45,7 @@ def _config(tmp_path, data: str, **extra) -> str:
             'optim.global_batch_size': 16, 'optim.loss_chunks': 4, 'mesh.data': -1,
             'model.scan_layers': True, 'num_train_steps': _STEPS, 'checkpoint_every_steps': 2,
             'eval_every_steps': 3, 'checkpoint_async': True, **extra}
-  path = tmp_path / f'cfg_{len(list(tmp_path.glob("cfg_*")))}.py'
-  path.write_text(textwrap.dedent(f'''
-      from tests.helpers import tiny_train_config
-
-      def get_config():
-        return tiny_train_config(**{fields!r})
-  '''))
-  return str(path)
+  return tiny_config_file(tmp_path / f'cfg_{len(list(tmp_path.glob("cfg_*")))}.py', **fields)
 
 
 def _hosts(config: str, workdir: str, hosts: int, envs: list[dict], *flags: str) -> list:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 from absl import logging
@@ -22,6 +21,7 @@ from gpas_jax.train import faults
 from gpas_jax.train import lock as lock_lib
 from tests import gcs
 from tests.helpers import DATA_CACHE
+from tests.helpers import tiny_config_file
 from tests.helpers import tiny_train_config
 
 ROOT = gcs.ROOT
@@ -60,15 +60,7 @@ def local_data():
 
 
 def _config_file(tmp_path, data: dict, **overrides) -> str:
-  path = tmp_path / 'cfg.py'
-  fields = {**data, **_RUN, **overrides}
-  path.write_text(textwrap.dedent(f'''
-      from tests.helpers import tiny_train_config
-
-      def get_config():
-        return tiny_train_config(**{fields!r})
-  '''))
-  return str(path)
+  return tiny_config_file(tmp_path / 'cfg.py', **{**data, **_RUN, **overrides})
 
 
 def _train(config_file: str, workdir: str, env: dict, *flags: str, wait: bool = True):

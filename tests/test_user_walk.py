@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -17,6 +16,7 @@ import pytest
 
 from gpas_jax import config as config_lib
 from tests.helpers import free_port
+from tests.helpers import tiny_config_file
 from tests.test_tools_cli import ROOT, _one_line, _tool
 
 
@@ -48,14 +48,7 @@ def bucket(tmp_path_factory):
 
 
 def _config_file(folder, **overrides) -> str:
-  path = folder / 'walk_cfg.py'
-  path.write_text(textwrap.dedent(f'''
-      from tests.helpers import tiny_train_config
-
-      def get_config():
-        return tiny_train_config(**{overrides!r})
-  '''))
-  return str(path)
+  return tiny_config_file(folder / 'walk_cfg.py', **overrides)
 
 
 def _read_bucket(env, url: str) -> dict:
