@@ -117,15 +117,9 @@ def plan(config, chip: str | None = None, devices=None, count_flops: bool = True
       'setup_s': t1 - t0, 'lower_s': t2 - t1, 'compile_s': t3 - t2,
       'params_bytes_per_device': params_b, 'opt_state_bytes_per_device': opt_b,
   }
-  ma = None
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  if ma is not None:
-    mem = {k: float(getattr(ma, f'{k}_size_in_bytes', 0) or 0)
-           for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
-    mem['peak_estimate'] = mem['argument'] + mem['output'] - mem['alias'] + mem['temp']
+  from gpas_jax.perf import bench_jax  # pylint: disable=import-outside-toplevel
+  mem = bench_jax.memory_analysis(compiled)  # {} where the backend gives none
+  if mem:
     out['memory_analysis_bytes'] = mem
   flops = metrics.training_flops_per_step(s.model_config, b, t)
   out['model_flops_per_device'] = flops['total'] / n
